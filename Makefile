@@ -35,7 +35,7 @@ $(STAMP_DEPS): $(PY) requirements.txt
 	touch $@
 
 $(STAMP_EXT): $(STAMP_DEPS) setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	flock $(VENV)/.build-lock $(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import libra_megatron._C"
 	touch $@
 
