@@ -19,8 +19,9 @@ MAX_SHARD_BYTES = 5 * 10**9  # HF's "5GB"; the released shards are 4.98/4.95/4.9
 INDEX_NAME = "model.safetensors.index.json"
 MODELING_FILES = ("configuration_libra.py", "modeling_libra.py", "generation_libra.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-VISION_TOKENIZER_FILES = ("vision_tokenizer_config.yaml", "vqgan.ckpt", "image_tokenizer.safetensors",
-                          "image_tokenizer_config.json")
+# ours (ImageTokenizer.save_pretrained) and the released ones (spec §5.1)
+VISION_TOKENIZER_FILES = ("vision_tokenizer.safetensors", "vision_tokenizer_config.json",
+                          "vision_tokenizer_config.yaml", "vqgan.ckpt")
 AUTO_MAP = {
     "AutoConfig": "configuration_libra.LibraConfig",
     "AutoModelForCausalLM": "modeling_libra.LibraForCausalLM",
