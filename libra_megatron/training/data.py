@@ -1,0 +1,91 @@
+"""The training data stream: which global samples each data-parallel rank reads at each step, resumable exactly.
+
+Step ``k`` of a run consumes global samples ``[c, c + GBS)`` where ``c`` = samples consumed before it. They are
+taken in chunks of ``MBS x DP``; DP rank ``r`` reads slice ``r`` of each chunk as one micro-batch (Megatron-LM's
+``MegatronPretrainingSampler``). Every rank of a model-parallel group reads the same micro-batches itself (random
+access into mmap'ed binaries is cheap, and the page cache is shared on a node), so no batch broadcast is needed and
+every pipeline stage has the routing indices and positions it needs. After a resume the stream restarts at the
+checkpoint's consumed-sample count, so the run sees exactly the samples an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+
+class DataParallelSlices(torch.utils.data.Sampler):
+    """Yields, per micro-batch, the global sample indices of one DP rank, starting at ``consumed_samples``."""
+
+    def __init__(self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 total_samples: int | None = None) -> None:
+        self.consumed, self.mbs, self.rank, self.size = consumed_samples, micro_batch_size, dp_rank, dp_size
+        self.total = total_samples
+
+    def __iter__(self) -> Iterator[List[int]]:
+        chunk = self.mbs * self.size
+        start = self.consumed
+        while self.total is None or start + chunk <= self.total:
+            first = start + self.rank * self.mbs
+            yield list(range(first, first + self.mbs))
+            start += chunk
+
+    def __len__(self) -> int:
+        if self.total is None:
+            return 2**62
+        return max(0, (self.total - self.consumed) // (self.mbs * self.size))
+
+
+def dataset_files(prefix: str) -> List[str]:
+    """Files one ``--data-path`` prefix needs (megatron indexed-dataset layout)."""
+    return [prefix + ".bin", prefix + ".idx"]
+
+
+def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Any:
+    """The training dataset: ``--mock-data`` samples, or the preprocessed binaries of ``--data-path``."""
+    if args.mock_data:
+        from libra_megatron.training.mock_data import MockPretrainDataset
+
+        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed, image_size=getattr(args, "image_size", 336))
+    from libra_megatron.training import real_data
+
+    return real_data.build_dataset(args, vocab)
+
+
+def default_collate(dataset: Any) -> Callable[[List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]:
+    """The dataset's own ``collate`` when it has one, else stacking in the batch-contract layout."""
+    from libra_megatron.training.mock_data import collate_samples
+
+    return getattr(dataset, "collate", collate_samples)
+
+
+class MicroBatchStream:
+    """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, consumed_samples: int, dp_rank: int,
+                 dp_size: int, image_positions: int) -> None:
+        self.num_microbatches = args.num_microbatches
+        self.image_positions = image_positions
+        sampler = DataParallelSlices(consumed_samples, args.micro_batch_size, dp_rank, dp_size)
+        workers = args.num_workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=default_collate(dataset),
+            pin_memory=args.device == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        self._iterator = iter(self.loader)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
+
+    def next_step(self) -> Tuple[List[Dict[str, torch.Tensor]], Any]:
+        """The ``num_microbatches`` micro-batches of the next step (on the training device) and their token counts
+        (:class:`~libra_megatron.training.model_family.BatchStats`, computed on the host copies)."""
+        from libra_megatron.training.model_family import BatchStats, batch_stats
+
+        batches = [next(self._iterator) for _ in range(self.num_microbatches)]
+        stats = BatchStats()
+        for batch in batches:
+            stats.add(batch_stats(batch, self.image_positions))
+        if self.device is not None:
+            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        return batches, stats

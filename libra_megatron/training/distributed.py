@@ -1,0 +1,105 @@
+"""Process groups and seeds for a training process started by torchrun (or as a single process).
+
+Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` as torchrun sets them, picks the
+device (CUDA when present unless ``--device cpu``) and backend (nccl on GPU, gloo on CPU, where
+:func:`~libra_megatron.utils.cpu.enable_cpu_megatron` is switched on), then builds megatron-core's TP/PP/DP groups.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+from typing import Tuple
+
+import numpy as np
+import torch
+
+
+def world_from_env() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain ``python`` start."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    """``args.device`` or ``cuda`` when available, else ``cpu``; enables the CPU megatron redirects on CPU."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available")
+    args.device = device
+    if device == "cpu":
+        from libra_megatron.utils.cpu import enable_cpu_megatron
+
+        enable_cpu_megatron()
+    return device
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Create the default process group (unless one exists) and megatron-core's model-parallel groups."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    rank, world_size, local_rank = world_from_env()
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    backend = args.distributed_backend or ("nccl" if args.device == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_seeds(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's model-parallel RNG tracker (Megatron-LM's ``_set_random_seed``).
+
+    The seed is offset per pipeline stage like Megatron-LM does, so stages draw different dropout masks; model
+    weights never depend on it when training starts from a checkpoint (``--load``/``--pretrained-checkpoint``).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % (2**32))
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def is_last_rank() -> bool:
+    """The rank that logs (Megatron-LM convention: the last global rank sits on the last pipeline stage)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_0(message: str) -> None:
+    """Print once per job (global rank 0)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def print_rank_last(message: str) -> None:
+    """Print from the logging rank only."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or is_last_rank():
+        print(message, flush=True)

@@ -1,0 +1,135 @@
+"""A text-only LLaMA-style megatron-core ``GPTModel`` (local spec) behind the :class:`ModelFamily` interface.
+
+It reads plane 0 of the batch contract (``tokens[0]``, ``labels[0]``) and treats every position as text, so the
+same data, loop, checkpoints and logging run a dense baseline next to Libra (``--model-family gpt``). Packed
+samples (``segment_ids``) are refused: GPTModel's RoPE does not restart positions per segment.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Tuple
+
+import torch
+
+from libra_megatron.training.model_family import BatchStats, ModelFamily, masked_sum_and_count, register_family
+from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
+
+# name -> (layers, hidden, heads, ffn, vocab of the Libra id space it reads)
+GPT_PRESETS: Dict[str, Dict[str, Any]] = {
+    "gpt-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
+                     vocab=LibraVocab(text_vocab_size=256, codebook_size=16, image_resolution=2)),
+    "llama2-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+                      vocab=LibraVocab()),
+}
+
+
+def _preset(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.model not in GPT_PRESETS:
+        raise ValueError(f"--model '{args.model}' is not a GPT preset; known: {sorted(GPT_PRESETS)}")
+    return GPT_PRESETS[args.model]
+
+
+def _shape(args: argparse.Namespace) -> Dict[str, int]:
+    preset = _preset(args)
+    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"]}
+
+
+def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """TransformerConfig fields every family takes from the flags: layout, precision, recompute, loss mode."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    on_cpu = getattr(args, "device", "cpu") == "cpu"
+    vpp = args.virtual_pipeline_model_parallel_size
+    kwargs = dict(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=torch.float32 if not args.bf16 else torch.bfloat16,
+        bf16=args.bf16,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        use_cpu_initialization=on_cpu or getattr(args, "meta_device", False),
+        perform_initialization=not getattr(args, "meta_device", False),
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
+        # (shared/spec/cpu-feasibility.md, exp 4): send and receive one by one there.
+        batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and on_cpu),
+    )
+    if args.recompute_granularity == "full":
+        kwargs.update(recompute_granularity="full", recompute_method=args.recompute_method,
+                      recompute_num_layers=args.recompute_num_layers)
+    elif args.recompute_granularity == "selective":
+        kwargs.update(recompute_granularity="selective")
+    return kwargs
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from megatron.core.transformer import TransformerConfig
+
+    preset = _preset(args)
+    return TransformerConfig(
+        num_layers=args.num_layers or preset["num_layers"], hidden_size=preset["hidden_size"],
+        num_attention_heads=preset["num_attention_heads"], ffn_hidden_size=preset["ffn_hidden_size"],
+        normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, add_bias_linear=False,
+        activation_func=torch.nn.functional.silu, **parallel_config_kwargs(args),
+    )
+
+
+def _provider(config: Any, args: argparse.Namespace, pre_process: bool, post_process: bool,
+              vp_stage: Any = None) -> torch.nn.Module:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    vocab = _preset(args)["vocab"]
+    return GPTModel(
+        config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=vocab.total_vocab_size,
+        max_sequence_length=args.seq_length, pre_process=pre_process, post_process=post_process,
+        position_embedding_type="rope", share_embeddings_and_output_weights=False, vp_stage=vp_stage,
+    )
+
+
+def _set_trainable(module: torch.nn.Module, stage: str) -> None:
+    for param in module.parameters():
+        param.requires_grad_(True)
+
+
+def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_features: Any) -> torch.Tensor:
+    if batch.get("segment_ids") is not None:
+        raise ValueError("the GPT baseline does not support packed samples (segment_ids); use the Libra model")
+    labels = batch["labels"][0]
+    return model(batch["tokens"][0], batch["position_ids"], None, labels=labels.clamp_min(0))
+
+
+def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+    mask = batch["labels"][0] != IGNORE_INDEX
+    loss_sum = (output.float() * mask).sum()
+    count = mask.sum().to(torch.int)
+    total = masked_sum_and_count(output, mask)
+    zero = torch.zeros(2, dtype=total.dtype, device=total.device)
+    return loss_sum, count, {"lm loss": total, "text loss": total.clone(), "image loss": zero}
+
+
+def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
+    """6N per token for the layers and the head (all trainable); 3 x 4d per causal query-key pair per layer."""
+    h, layers, ffn = config.hidden_size, config.num_layers, config.ffn_hidden_size
+    per_layer = 4 * h * h + 3 * h * ffn
+    head = h * _preset(args)["vocab"].total_vocab_size
+    tokens = stats.text_tokens + stats.image_tokens
+    attention = 3.0 * 4.0 * h * stats.attention_pairs * layers  # forward QK^T + PV: 4d FLOPs per pair; backward 2x
+    return 6.0 * tokens * (layers * per_layer + head) + attention
+
+
+@register_family("gpt")
+def gpt_family() -> ModelFamily:
+    """The dense GPT baseline family."""
+    return ModelFamily(
+        name="gpt", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
+        run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops,
+        vocab=lambda args: _preset(args)["vocab"], needs_vision=False,
+    )

@@ -1,0 +1,224 @@
+"""The training step and loop on megatron-core's pipeline schedules (Megatron-LM's ``train_step``/``train``).
+
+One step: zero DDP grad buffers → ``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved, chosen by
+the parallel state) over ``num_microbatches`` micro-batches of this DP rank → agree across all ranks whether any
+loss was non-finite → ``optimizer.step()`` (grad clipping inside) → scheduler step (in samples). The frozen CLIP
+tower runs inside the forward step on the first pipeline stage only.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from libra_megatron.training.model_family import ModelFamily, unwrap_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss with ``--on-nan stop``."""
+
+
+@dataclass
+class StepOutcome:
+    """What one step produced on this rank."""
+
+    reports: List[Dict[str, torch.Tensor]]
+    grad_norm: Optional[float]
+    skipped: bool
+    nonfinite: bool
+    stop_signal: bool
+
+
+def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable]) -> Callable:
+    """The ``forward_step_func(data_iterator, model)`` the schedules call, returning ``(output, loss_func)``."""
+
+    def forward_step(data_iterator: Any, model: torch.nn.Module):
+        batch = next(data_iterator)
+        clip_features = None
+        if vision_encoder is not None and unwrap_model(model).pre_process:
+            pixels = batch.get("pixels")
+            if pixels is not None and pixels.shape[0] > 0:
+                clip_features = vision_encoder(pixels)
+        output = family.run_model(model, batch, clip_features)
+        return output, partial(_loss_func, family, batch)
+
+    return forward_step
+
+
+def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], output: torch.Tensor):
+    loss_sum, num_tokens, parts = family.reduce_loss(output, batch)
+    report = {key: value.detach().clone() for key, value in parts.items()}
+    report["sample_ids"] = batch["sample_ids"]
+    return loss_sum, num_tokens, report
+
+
+def _nonfinite_samples(reports: List[Dict[str, torch.Tensor]]) -> List[int]:
+    bad: List[int] = []
+    for report in reports:
+        if not torch.isfinite(report["lm loss"]).all():
+            bad.extend(int(i) for i in report["sample_ids"].flatten().tolist())
+    return bad
+
+
+class _SignalFlag:
+    """Remembers a SIGTERM so the loop can save and exit at the next step boundary."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+
+def train_step(forward_step: Callable, micro_batches: List[Dict[str, torch.Tensor]], model: List[torch.nn.Module],
+               optimizer: Any, scheduler: Any, args: argparse.Namespace, iteration: int,
+               stop_requested: bool = False) -> StepOutcome:
+    """Forward/backward over the step's micro-batches, then the optimizer update unless a loss was non-finite."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    iterators = [iter(micro_batches) for _ in model]
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0], model=model,
+        num_microbatches=len(micro_batches), seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length, forward_only=False,
+    )
+    bad_samples = _nonfinite_samples(reports) if reports else []
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    flags = torch.tensor([float(bool(bad_samples)), float(stop_requested)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop_signal = bool(flags[0].item()), bool(flags[1].item())
+    if bad_samples and parallel_state.get_tensor_model_parallel_rank() == 0:
+        action = "stopping" if args.on_nan == "stop" else "skipping the update"
+        print(f"WARNING: non-finite loss at iteration {iteration} (data-parallel rank "
+              f"{parallel_state.get_data_parallel_rank()}), sample ids {bad_samples}: {action}", flush=True)
+    if nonfinite:
+        if args.on_nan == "stop":
+            raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (--on-nan stop); see the sample "
+                                     "ids printed above")
+        return StepOutcome(reports, None, True, True, stop_signal)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=args.global_batch_size)
+    return StepOutcome(reports, None if grad_norm is None else float(grad_norm), not update_successful, False,
+                       stop_signal)
+
+
+class Trainer:
+    """Builds everything from the flags and runs the loop (also usable in-process, e.g. from tests)."""
+
+    def __init__(self, args: argparse.Namespace, family: ModelFamily) -> None:
+        from megatron.core import parallel_state
+
+        from libra_megatron.training.data import MicroBatchStream, build_train_dataset
+        from libra_megatron.training.distributed import (initialize_distributed, is_last_rank, resolve_device,
+                                                         set_seeds)
+        from libra_megatron.training.metrics import MetricsLogger
+        from libra_megatron.training.model_setup import (build_model_chunks, build_optimizer, build_scheduler,
+                                                         wrap_model_chunks)
+
+        self.args, self.family = args, family
+        resolve_device(args)
+        initialize_distributed(args)
+        set_seeds(args.seed)
+        self.config = family.build_config(args)
+        chunks = build_model_chunks(family, args, self.config)
+        self.model = wrap_model_chunks(chunks, args, self.config)
+        self.optimizer = build_optimizer(self.model, args)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.resume = self._load()
+        self.vision_encoder = None
+        if family.build_vision is not None and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+            self.vision_encoder = family.build_vision(args)
+        self.vocab = family.vocab(args)
+        dataset = build_train_dataset(args, self.vocab)
+        self.stream = MicroBatchStream(dataset, args, self.resume.consumed_samples,
+                                       parallel_state.get_data_parallel_rank(),
+                                       parallel_state.get_data_parallel_world_size(), self.vocab.image_positions)
+        self.forward_step = make_forward_step(family, self.vision_encoder)
+        self.logger = MetricsLogger(args, active=is_last_rank())
+        self.history: List[Dict[str, Any]] = []
+
+    def _load(self):
+        from libra_megatron.training.checkpointing import ResumeState, latest_checkpoint, load_checkpoint
+
+        args = self.args
+        path = latest_checkpoint(args.load) if args.load else None
+        if path is not None:
+            return load_checkpoint(path, self.model, self.optimizer, self.scheduler, args, weights_only=args.finetune)
+        if args.pretrained_checkpoint:
+            source = latest_checkpoint(args.pretrained_checkpoint) or args.pretrained_checkpoint
+            return load_checkpoint(source, self.model, self.optimizer, self.scheduler, args, weights_only=True)
+        return ResumeState()
+
+    def save(self, iteration: int, consumed: int) -> None:
+        """Checkpoint the current state into ``--save``."""
+        from libra_megatron.training.checkpointing import save_checkpoint
+
+        save_checkpoint(self.args.save, iteration, consumed, self.model, self.optimizer, self.scheduler, self.args)
+
+    def train(self) -> List[Dict[str, Any]]:
+        """Run until ``--train-iters`` (or a SIGTERM with ``--exit-signal-handler``); returns the per-step records
+        this rank logged (losses only on the last pipeline stage)."""
+        from megatron.core import parallel_state
+
+        from libra_megatron.training.metrics import StepRecord, reduce_step_losses
+
+        args = self.args
+        iteration, consumed = self.resume.iteration, self.resume.consumed_samples
+        last_saved = iteration if self.resume.loaded_from and not args.finetune else None
+        signals = _SignalFlag(args.exit_signal_handler)
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        dp_group = parallel_state.get_data_parallel_group()
+        try:
+            while iteration < args.train_iters:
+                start = time.perf_counter()
+                lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step's update uses
+                micro_batches, stats = self.stream.next_step()
+                outcome = train_step(self.forward_step, micro_batches, self.model, self.optimizer, self.scheduler,
+                                     args, iteration + 1, stop_requested=signals.received)
+                iteration += 1
+                consumed += args.global_batch_size
+                elapsed = time.perf_counter() - start
+                losses, global_stats = {}, stats
+                if last_stage:
+                    losses, global_stats = reduce_step_losses(outcome.reports, stats, args.num_microbatches,
+                                                              args.calculate_per_token_loss, dp_group)
+                record = StepRecord(
+                    iteration=iteration, consumed_samples=consumed, losses=losses,
+                    lr=lr, grad_norm=outcome.grad_norm,
+                    skipped=outcome.skipped, step_time_s=elapsed,
+                    model_tflops=self.family.model_flops(args, self.config, global_stats) / 1e12,
+                    tokens=global_stats.text_tokens + global_stats.image_tokens, samples=args.global_batch_size,
+                )
+                self.logger.log(record, outcome.nonfinite)
+                self.history.append(record.as_json())
+                if args.save and args.save_interval and iteration % args.save_interval == 0:
+                    self.save(iteration, consumed)
+                    last_saved = iteration
+                if outcome.stop_signal:
+                    break
+            if args.save and last_saved != iteration:
+                self.save(iteration, consumed)
+        finally:
+            self.logger.close()
+        return self.history
+
+
+def pretrain(args: argparse.Namespace, family: Optional[ModelFamily] = None) -> List[Dict[str, Any]]:
+    """Build from the (validated) flags and train; returns this rank's per-step records."""
+    from libra_megatron.training.model_family import get_family
+
+    trainer = Trainer(args, family or get_family(args.model_family))
+    return trainer.train()

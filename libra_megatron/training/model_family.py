@@ -1,0 +1,158 @@
+"""The small interface between the training loop and a model: build it, feed it a micro-batch, reduce its loss.
+
+A Megatron user writes ``model_provider(pre_process, post_process, vp_stage)`` and ``forward_step(data_iterator,
+model)``; :class:`ModelFamily` bundles exactly those (plus the config, freezing and FLOPs accounting), so the loop in
+``loop.py`` knows nothing about Libra or GPT. Families register by name in :data:`FAMILIES`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+LOSS_KEYS = ("lm loss", "text loss", "image loss")
+
+
+@dataclass
+class BatchStats:
+    """Token counts of the micro-batches one rank ran in a step; summed over DP they give the step's FLOPs."""
+
+    samples: int = 0
+    text_tokens: int = 0
+    image_tokens: int = 0
+    images: int = 0
+    attention_pairs: float = 0.0  # sum over sequences/segments of causal query-key pairs (L*(L+1)/2)
+
+    def add(self, other: "BatchStats") -> None:
+        """Accumulate another micro-batch's counts."""
+        self.samples += other.samples
+        self.text_tokens += other.text_tokens
+        self.image_tokens += other.image_tokens
+        self.images += other.images
+        self.attention_pairs += other.attention_pairs
+
+    def as_tensor(self) -> torch.Tensor:
+        """float64 vector [samples, text, image, images, pairs] for an all-reduce."""
+        return torch.tensor([self.samples, self.text_tokens, self.image_tokens, self.images, self.attention_pairs],
+                            dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> "BatchStats":
+        """Inverse of :meth:`as_tensor`."""
+        v = values.tolist()
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
+
+
+def batch_stats(batch: Dict[str, torch.Tensor], image_positions: int) -> BatchStats:
+    """Real token counts of one micro-batch of the batch contract.
+
+    Padding is excluded where the batch marks it (``segment_ids < 0``); attention pairs are counted per packed
+    segment (causal: ``L (L + 1) / 2`` query-key pairs per segment of length ``L``).
+    """
+    segments = batch.get("segment_ids")
+    vision = batch["vision_indices"] < image_positions
+    if segments is not None:
+        valid = segments >= 0
+        pairs = 0.0
+        for row in segments:
+            _, counts = torch.unique_consecutive(row[row >= 0], return_counts=True)
+            pairs += float((counts.double() * (counts.double() + 1) / 2).sum())
+    else:
+        valid = torch.ones_like(vision)
+        length = float(vision.shape[1])
+        pairs = vision.shape[0] * length * (length + 1) / 2
+    image_tokens = int((vision & valid).sum())
+    text_tokens = int(valid.sum()) - image_tokens
+    images = int(batch["pixels"].shape[0]) if batch.get("pixels") is not None else 0
+    return BatchStats(int(batch["tokens"].shape[1]), text_tokens, image_tokens, images, pairs)
+
+
+@dataclass
+class ModelFamily:
+    """How the loop builds, feeds and accounts for one kind of model.
+
+    Attributes:
+        name: registry key (``--model-family``).
+        shape: ``args -> {"num_attention_heads", "num_layers"}`` without building anything (start-up validation).
+        build_config: ``args -> TransformerConfig`` (with TP/PP/precision/recompute taken from ``args``).
+        provider: ``(config, args, pre_process, post_process, vp_stage) -> MegatronModule``.
+        set_trainable: ``(module, stage) -> None``: freezes what the stage does not train.
+        run_model: ``(model, batch, clip_features) -> output`` (hidden states, or the per-position loss on the
+            last stage).
+        reduce_loss: ``(output, batch) -> (loss_sum, num_tokens, {key: [sum, count]})`` for ``LOSS_KEYS``.
+        model_flops: ``(args, config, BatchStats) -> float``: model FLOPs of one training step on those tokens
+            (forward + backward, frozen weights counted 4N, trainable 6N, frozen CLIP forward 2N).
+        vocab: the ``LibraVocab`` of the batches the model reads.
+        needs_vision: whether the first stage needs CLIP features from ``pixels``.
+        build_vision: ``(args) -> callable(pixels uint8 [N,3,H,W]) -> clip features``: the frozen CLIP tower,
+            built on first-stage ranks only (no grads, not in the optimizer).
+    """
+
+    name: str
+    shape: Callable[[argparse.Namespace], Dict[str, int]]
+    build_config: Callable[[argparse.Namespace], Any]
+    provider: Callable[..., torch.nn.Module]
+    set_trainable: Callable[[torch.nn.Module, str], None]
+    run_model: Callable[..., torch.Tensor]
+    reduce_loss: Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor, Dict]]
+    model_flops: Callable[[argparse.Namespace, Any, BatchStats], float]
+    vocab: Callable[[argparse.Namespace], Any]
+    needs_vision: bool = False
+    build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
+
+
+def register_family(name: str) -> Callable:
+    """Decorator: register a zero-argument factory of a :class:`ModelFamily`."""
+    def wrap(factory: Callable[[], ModelFamily]) -> Callable[[], ModelFamily]:
+        FAMILIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family registered under ``name`` (importing the built-in ones on first use)."""
+    from libra_megatron.training import gpt_family  # noqa: F401  (registers "gpt")
+
+    try:
+        from libra_megatron.training import libra_family  # noqa: F401  (registers "libra")
+    except ImportError as error:  # the Libra model is not importable (e.g. a partial checkout)
+        if name == "libra":
+            raise
+        del error
+    if name not in FAMILIES:
+        raise ValueError(f"unknown --model-family '{name}'; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP and Float16Module wrappers (anything with a ``.module`` that is a megatron wrapper)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(model, (DistributedDataParallel, Float16Module)):
+        model = model.module
+    return model
+
+
+def masked_sum_and_count(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[sum of per_position over mask, count]`` as a float tensor of 2 (a Megatron loss report entry)."""
+    mask = mask.to(per_position.dtype)
+    return torch.stack([(per_position.float() * mask.float()).sum(), mask.float().sum()])
+
+
+def sum_reports(reports: List[Dict[str, torch.Tensor]], keys: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+    """Sum ``[sum, count]`` entries of several micro-batch reports."""
+    keys = list(keys or LOSS_KEYS)
+    total = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
+    for report in reports:
+        for key in keys:
+            if key in report:
+                total[key] += report[key].detach().double().cpu()
+    return total

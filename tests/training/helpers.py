@@ -1,0 +1,27 @@
+"""Shared helpers of the training tests: flags for tiny runs, and reading the per-step records back."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+BASE_FLAGS = [
+    "--model-family", "gpt", "--model", "gpt-tiny", "--seq-length", "16", "--mock-data", "--num-workers", "0",
+    "--lr", "1e-2", "--lr-warmup-iters", "0", "--seed", "1234", "--log-interval", "1",
+]
+
+
+def make_args(flags: Sequence[str], world_size: int):
+    """Parsed and validated flags for a tiny run on ``world_size`` ranks."""
+    from libra_megatron.training.arguments import parse_args, validate_args
+    from libra_megatron.training.data import dataset_files
+    from libra_megatron.training.model_family import get_family
+
+    args = parse_args(list(BASE_FLAGS) + list(flags))
+    return validate_args(args, world_size, get_family(args.model_family).shape(args), dataset_files)
+
+
+def losses(history_per_rank: List[List[Dict]], key: str = "lm_loss") -> List[float]:
+    """The loss sequence from whichever rank logged it (the last pipeline stage)."""
+    for history in history_per_rank:
+        if history and key in history[0]:
+            return [record[key] for record in history]
+    raise AssertionError("no rank returned losses")
