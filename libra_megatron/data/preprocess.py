@@ -1,0 +1,305 @@
+"""The preprocessing job behind ``tools/preprocess_images.py``: raw corpus -> ``PREFIX.bin/.idx`` + sidecar.
+
+Flow per rank: enumerate the chunks of the input (a tar shard, or ``chunk_size`` annotation records), take
+those with ``chunk_id % world_size == rank``, skip the committed ones (resume), and for each remaining chunk
+stream its records through the ``--workers`` pool (decode, validate, model pixels, stored encoding, text
+pieces), tokenise the images in batches of ``--batch-size`` with the LFQ image tokenizer (on GPU when
+present), and write the chunk atomically (:mod:`libra_megatron.data.parts`). With one rank the merge follows;
+with several, ``--merge`` joins the parts once every rank is done.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Union
+
+import numpy as np
+import torch
+
+from libra_megatron.data.indexed import SampleWriter, index_dtype
+from libra_megatron.data.parts import PartStore
+from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS
+from libra_megatron.data.prepare import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings, init_worker, prepare_in_worker, prepare_record
+from libra_megatron.data.rejects import Rejected, count_by_reason
+from libra_megatron.data.samples import PieceKind
+from libra_megatron.data.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, vocab_to_json
+from libra_megatron.data.sources import Chunk, RawRecord, build_source
+from libra_megatron.data.text_tokenizer import TextTokenizer
+from libra_megatron.tokenizer.image_processing import IMAGE_SIZE, normalize_pixels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessConfig:
+    """Arguments of the preprocessing job (the CLI flags of ``tools/preprocess_images.py``)."""
+
+    input_format: str
+    inputs: List[str]
+    output_prefix: str
+    tokenizer_model: str
+    image_tokenizer: Optional[str] = None  # folder (save_pretrained or the released yaml + ckpt)
+    clip_model: Optional[str] = None  # CLIP folder for a released tokenizer
+    tiny_image_tokenizer_seed: Optional[int] = None  # tests / CPU demo
+    image_root: Optional[str] = None
+    chunk_size: int = 1000
+    workers: int = 0
+    batch_size: int = 32
+    device: str = "auto"
+    tokenizer_dtype: str = "auto"  # auto: bf16 on CUDA (as the reference trained), fp32 on CPU
+    rank: int = 0
+    world_size: int = 1
+    merge: str = "auto"  # auto (merge when world_size == 1) | only | never
+    pixel_format: str = DEFAULT_PIXEL_FORMAT
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_caption_words: int = 64
+    image_key: str = "image"
+    caption_key: str = "caption"
+    progress: bool = True
+    record_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"--rank must be in [0, --world-size={self.world_size}), got {self.rank}")
+        if self.pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"--pixel-format must be one of {PIXEL_FORMATS}, got {self.pixel_format!r}")
+        if self.batch_size <= 0 or self.workers < 0:
+            raise ValueError("--batch-size must be > 0 and --workers >= 0")
+        if (self.image_tokenizer is None) == (self.tiny_image_tokenizer_seed is None):
+            raise ValueError("give exactly one of --image-tokenizer DIR and --tiny-image-tokenizer SEED")
+        if self.merge not in ("auto", "only", "never"):
+            raise ValueError(f"--merge must be auto, only or never, got {self.merge!r}")
+
+
+def _resolve_device(config: PreprocessConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if config.tokenizer_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif config.tokenizer_dtype in dtypes:
+        dtype = dtypes[config.tokenizer_dtype]
+    else:
+        raise ValueError(f"--tokenizer-dtype must be auto, fp32, bf16 or fp16, got {config.tokenizer_dtype!r}")
+    return device, dtype
+
+
+def load_image_tokenizer(config: PreprocessConfig, device: torch.device, dtype: torch.dtype):
+    """The frozen image tokenizer and its identity (name, weights sha256, device type, dtype)."""
+    from libra_megatron.tokenizer import image_tokenizer as it
+
+    if config.tiny_image_tokenizer_seed is not None:
+        model, name = it.ImageTokenizer.tiny(config.tiny_image_tokenizer_seed), f"tiny:{config.tiny_image_tokenizer_seed}"
+    elif os.path.exists(os.path.join(config.image_tokenizer, it.CONFIG_NAME)):
+        model, name = it.ImageTokenizer.from_pretrained(config.image_tokenizer), os.path.basename(config.image_tokenizer.rstrip("/"))
+    else:
+        model = it.ImageTokenizer.from_released(config.image_tokenizer, clip_folder=config.clip_model)
+        name = "released:" + os.path.basename(config.image_tokenizer.rstrip("/"))
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    model = model.frozen().to(device=device, dtype=dtype)
+    identity = {"name": name, "weights_sha256": digest.hexdigest(), "device_type": device.type,
+                "dtype": str(dtype).replace("torch.", ""), "codebook_size": model.config.codebook_size,
+                "num_codebooks": model.num_codebooks, "num_patches": model.num_patches}
+    return model, identity
+
+
+def _ordered_results(items: Iterable[Union[RawRecord, Rejected]], pool, window: int, timeout: float,
+                     inline: Optional[PrepareSettings]) -> Iterator[Union[Prepared, Rejected]]:
+    """Prepare records in input order, with at most ``window`` in flight in the pool (bounded memory)."""
+    if pool is None:
+        for item in items:
+            yield item if isinstance(item, Rejected) else prepare_record(item, inline)
+        return
+    pending: Deque = collections.deque()
+
+    def resolve(entry):
+        item, handle = entry
+        if handle is None:
+            return item
+        try:
+            return handle.get(timeout=timeout)
+        except multiprocessing.TimeoutError:
+            return Rejected(item.source, item.key, "unexpected_error", f"worker gave no result in {timeout:.0f} s")
+
+    for item in items:
+        pending.append((item, None if isinstance(item, Rejected) else pool.apply_async(prepare_in_worker, (item,))))
+        while len(pending) >= window:
+            yield resolve(pending.popleft())
+    while pending:
+        yield resolve(pending.popleft())
+
+
+class _ChunkWriter:
+    """Collects prepared records of one chunk, tokenises their images in batches, writes them in order."""
+
+    def __init__(self, writer: SampleWriter, image_tokenizer, device, dtype, batch_size: int):
+        self.writer, self.model, self.device, self.dtype = writer, image_tokenizer, device, dtype
+        self.batch_size = batch_size
+        self.pending: List[Prepared] = []
+        self.counts = {"samples": 0, "images": 0, "text_tokens": 0}
+
+    def add(self, prepared: Prepared) -> None:
+        self.pending.append(prepared)
+        if sum(p.pixels is not None for p in self.pending) >= self.batch_size:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        with_image = [p for p in self.pending if p.pixels is not None]
+        codes = None
+        if with_image:
+            pixels = torch.from_numpy(np.stack([p.pixels for p in with_image])).to(self.device)
+            codes, _ = self.model.encode(normalize_pixels(pixels).to(self.dtype))
+            codes = codes.cpu().numpy()  # [C, N, P]
+        image_number = 0
+        for prepared in self.pending:
+            image_codes, blobs = [], []
+            if prepared.pixels is not None:
+                image_codes, blobs = [codes[:, image_number]], [prepared.blob]
+                image_number += 1
+                self.counts["images"] += 1
+            self.writer.add_sample(prepared.pieces, image_codes, blobs)
+            self.counts["samples"] += 1
+            self.counts["text_tokens"] += sum(len(p.ids) for p in prepared.pieces
+                                              if p.kind in (PieceKind.TEXT, PieceKind.TEXT_TARGET))
+        self.pending = []
+
+
+class _Progress:
+    """tqdm bar over records with images/s, kept and rejected counts."""
+
+    def __init__(self, enabled: bool, total: Optional[int], rank: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=f"preprocess[rank {rank}]", dynamic_ncols=True, smoothing=0.1)
+        self.kept = self.rejected = 0
+
+    def update(self, rejected: bool) -> None:
+        self.kept += not rejected
+        self.rejected += rejected
+        if self.bar is not None:
+            self.bar.update(1)
+            if (self.kept + self.rejected) % 16 == 0:
+                self.bar.set_postfix(kept=self.kept, rejected=self.rejected, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(kept=self.kept, rejected=self.rejected)
+            self.bar.close()
+
+
+def _fingerprint(config: PreprocessConfig, source, text_tokenizer: TextTokenizer, image_identity: Dict[str, Any],
+                 kind: str) -> Dict[str, Any]:
+    """The settings that determine the output bytes (a rerun must match them to resume)."""
+    return {"source": source.describe(), "kind": kind, "text_tokenizer_sha256": text_tokenizer.sha256,
+            "image_tokenizer": image_identity, "pixel_format": config.pixel_format,
+            "max_image_pixels": config.max_image_pixels, "max_caption_words": config.max_caption_words,
+            "batch_size": config.batch_size}
+
+
+def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
+    """Run this rank's share of the job (and the merge when due); return a summary dict."""
+    config.validate()
+    start = time.perf_counter()
+    source = build_source(config.input_format, config.inputs, config.image_root, config.chunk_size,
+                          config.image_key, config.caption_key)
+    chunks: List[Chunk] = source.chunks()
+    text_tokenizer = TextTokenizer(config.tokenizer_model)
+    settings = PrepareSettings(text_tokenizer, config.pixel_format, config.max_image_pixels, config.max_caption_words)
+    mine = [c for c in chunks if c.chunk_id % config.world_size == config.rank]
+    store = PartStore(config.output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
+
+    # The pool forks before any torch work so the workers inherit no OpenMP state.
+    todo = [c for c in mine if store.chunk_record(c.chunk_id) is None] if config.merge != "only" else []
+    pool = None
+    if todo and config.workers > 0:
+        pool = multiprocessing.get_context("fork").Pool(config.workers, initializer=init_worker, initargs=(settings,))
+    try:
+        device, dtype = _resolve_device(config)
+        image_tokenizer, image_identity = load_image_tokenizer(config, device, dtype)
+        vocab = text_tokenizer.libra_vocab(image_identity["codebook_size"], image_identity["num_codebooks"],
+                                           int(round(image_identity["num_patches"] ** 0.5)))
+        fingerprint = _fingerprint(config, source, text_tokenizer, image_identity, source.kind)
+        store.prepare(fingerprint, [c.chunk_id for c in mine])
+        done_before = len(mine) - len(todo)
+        summary = {"rank": config.rank, "chunks": len(mine), "chunks_resumed": done_before, "records": 0,
+                   "samples": 0, "images": 0, "rejected_by_reason": {}}
+        rejects: List[Dict[str, str]] = []
+        total = sum(c.stop - c.start for c in todo) if config.input_format != "webdataset" else None
+        progress = _Progress(config.progress, total, config.rank)
+        window = max(4 * config.workers * 2, 2 * config.batch_size)
+        for chunk in todo:
+            def fill(writer: SampleWriter, chunk: Chunk = chunk) -> Dict[str, Any]:
+                chunk_writer = _ChunkWriter(writer, image_tokenizer, device, dtype, config.batch_size)
+                chunk_rejects, records = [], 0
+                for result in _ordered_results(source.read(chunk), pool, window, config.record_timeout_s, settings):
+                    records += 1
+                    if isinstance(result, Rejected):
+                        chunk_rejects.append(result.to_json())
+                    else:
+                        chunk_writer.add(result)
+                    progress.update(isinstance(result, Rejected))
+                chunk_writer.flush()
+                return dict(chunk_writer.counts, source=chunk.source, records=records, rejects=chunk_rejects)
+
+            record = store.write_chunk(chunk.chunk_id, vocab, fill)
+            rejects.extend(record["rejects"])
+            for name in ("records", "samples", "images"):
+                summary[name] += record[name]
+        progress.close()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    elapsed = time.perf_counter() - start
+    summary["rejected_by_reason"] = count_by_reason(rejects)
+    summary["rejected"] = len(rejects)
+    summary["seconds"] = round(elapsed, 3)
+    summary["images_per_s"] = round(summary["images"] / elapsed, 2) if elapsed > 0 else 0.0
+    if config.merge == "only" or (config.merge == "auto" and config.world_size == 1):
+        sidecar = {
+            "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "kind": source.kind, "vocab": vocab_to_json(vocab),
+            "index_dtype": np.dtype(index_dtype(vocab)).name,
+            "pieces": {str(int(k)): k.name.lower() for k in PieceKind},
+            "pixels": {"format": config.pixel_format, "size": IMAGE_SIZE, "contents": "to_model_pixels uint8 [3,S,S]"},
+            "text_tokenizer": text_tokenizer.identity(), "image_tokenizer": image_identity,
+            "inputs": source.describe(),
+            "settings": {k: v for k, v in asdict(config).items()
+                         if k in ("max_image_pixels", "max_caption_words", "batch_size", "pixel_format")},
+        }
+        merged = store.merge([c.chunk_id for c in chunks], index_dtype(vocab), sidecar)
+        summary["dataset"] = {"prefix": config.output_prefix, **merged["counts"]}
+    return summary
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """Human-readable end-of-job summary."""
+    lines = [
+        f"rank {summary['rank']}: {summary['records']} records in {summary['chunks']} chunk(s) "
+        f"({summary['chunks_resumed']} already done) in {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s",
+        f"  kept {summary['samples']} samples ({summary['images']} images), rejected {summary['rejected']}",
+    ]
+    for reason, count in summary["rejected_by_reason"].items():
+        lines.append(f"    {reason:<20s} {count}")
+    if "dataset" in summary:
+        d = summary["dataset"]
+        lines.append(f"dataset {d['prefix']}: {d['samples']} samples, {d['images']} images, {d['text_tokens']} text "
+                     f"tokens, {d['rejected']} rejected in total (see {d['prefix']}.rejects.jsonl)")
+    return "\n".join(lines)
+
+
+def summary_json(summary: Dict[str, Any]) -> str:
+    return json.dumps(summary, sort_keys=True)
