@@ -19,6 +19,9 @@ Each redirect below was shown necessary on 0.19.2 (see ``shared/spec/cpu-feasibi
    optimizer and grad clipping assert on; every other caller sees the true type.
 7. ``WrappedTorchNorm`` accepts ``sequence_parallel=True`` (tags params like Apex does) so megatron's
    own local spec works under SP in parity tests.
+8. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> no-ops: activation
+   recompute (``CheckpointFunction`` via ``_get_all_rng_states``/``_fork_rng``, random.py L525-553) saves and
+   restores the CUDA generator; on CPU the generator it needs is the CPU one, which it saves separately.
 
 If ``triton`` is not installed, importing this module also registers a stand-in for the one megatron
 module that imports it unconditionally (MoE paged-stash kernels), so ``import megatron.core`` works.
@@ -206,6 +209,13 @@ def _patch_torch_norm_for_sequence_parallel() -> None:
     torch_norm.WrappedTorchNorm.__new__ = build
 
 
+def _patch_checkpoint_rng_state() -> None:
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def enable_cpu_megatron() -> bool:
     """Apply the redirects once per process. Returns False (and changes nothing) when CUDA is available."""
     global _ENABLED
@@ -236,6 +246,7 @@ def enable_cpu_megatron() -> bool:
 
     _patch_tensor_type()
     _patch_torch_norm_for_sequence_parallel()
+    _patch_checkpoint_rng_state()
     return True
 
 

@@ -1,0 +1,169 @@
+"""Routed self-attention with Libra's cross-modal bridge (spec §1.5), one softmax over all keys.
+
+Keys/values a query sees depend on the query's modality: the bridge delta ``Δ = B(A h)`` of a key is added only
+when the key's modality differs from the query's, and each key uses the bridge of its own modality
+(``*_bridge_on_language`` for text keys, ``*_bridge_on_vision`` for vision keys). So there are two key/value
+sets in sequence order::
+
+    K_for_vision = merge(k_text + Δk_text, k_vision)      K_for_text = merge(k_text, k_vision + Δk_vision)
+
+Fused attention, exact, each query computed once:
+
+* **segment path** (every sample has the same layout): the sequence is a few runs of one modality. Queries of
+  the run ``[t0, t1)`` attend keys ``[0, t1)`` of their modality's set with a causal mask aligned to the lower
+  right — one ``scaled_dot_product_attention`` call per run (3 for ``<s>`` + image + caption), attention FLOPs
+  as for a dense layer;
+* **index path** (layouts differ, packed samples): two SDPA calls over all queries, one per key/value set, with
+  the block-diagonal causal mask; text rows are read from the first, vision rows from the second (the softmax is
+  per row, so this is the same math, at 2x attention FLOPs).
+
+Projections (see routed_linear.py for the TP plan): text q/k/v is megatron's fused ``linear_qkv`` (per-head
+interleaved ``[q_i; k_i; v_i]``), frozen in pretraining; the vision q/k/v experts share one fused A
+(``vision_qkv_a`` = q_A, k_A, v_A, k_bridge_on_vision_A, v_bridge_on_vision_A stacked on rows) followed by
+per-projection B's; the two bridge B's of a modality run as one block-diagonal GEMM.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from libra_megatron.config import LibraConfig
+from libra_megatron.model.rotary import apply_rotary
+from libra_megatron.model.routed_linear import (
+    ReplicatedLinear,
+    block_diagonal_linear,
+    column_parallel,
+    expert_column_a,
+    expert_row,
+    normal_init,
+    row_parallel,
+    text_column,
+    text_row,
+    zeros_init,
+)
+from libra_megatron.model.routing import ModalityRouting
+
+
+class LibraBridgeAttention(MegatronModule):
+    """Text/vision routed Q/K/V/O with the cross-modal K/V bridge."""
+
+    def __init__(self, config: LibraConfig, layer_number: int = 1, pg_collection=None, **kwargs) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        tp = config.tensor_model_parallel_size
+        h, r, br = config.hidden_size, config.attention_rank, config.bridge_rank
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.head_dim = config.kv_channels
+        self.rank, self.bridge_rank = r, br
+        expert = normal_init(config.init_method_std)
+        # text (LLaMA) path
+        self.linear_qkv = column_parallel(config, h, 3 * h, config.init_method)
+        self.linear_proj = row_parallel(config, h, h, config.output_layer_init_method)
+        # text-key bridge (*_bridge_on_language): A for k and v stacked, B per projection (zero-initialised)
+        self.text_bridge_a = ReplicatedLinear(config, h, 2 * br, expert)
+        self.text_bridge_k_b = column_parallel(config, br, h, zeros_init)
+        self.text_bridge_v_b = column_parallel(config, br, h, zeros_init)
+        # vision expert: fused A of q, k, v and of the vision-key bridge (*_bridge_on_vision)
+        self.vision_qkv_a = ReplicatedLinear(config, h, 3 * r + 2 * br, expert)
+        self.vision_q_b = column_parallel(config, r, h, expert)
+        self.vision_k_b = column_parallel(config, r, h, expert)
+        self.vision_v_b = column_parallel(config, r, h, expert)
+        self.vision_bridge_k_b = column_parallel(config, br, h, zeros_init)
+        self.vision_bridge_v_b = column_parallel(config, br, h, zeros_init)
+        self.vision_proj_a = row_parallel(config, h, r, expert)
+        self.vision_proj_b = ReplicatedLinear(config, r, h, expert)
+        self.checkpoint_core = (
+            config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or ())
+        )
+
+    def forward(self, text: Tensor, vision: Tensor, routing: ModalityRouting) -> Tuple[Tensor, Tensor]:
+        """Normed rows (complete, ``[n_text, h]`` / ``[n_vision, h]``) → attention output rows (complete)."""
+        heads, d = self.heads_per_rank, self.head_dim
+        n_text, n_vision = text.shape[0], vision.shape[0]
+        # text projections and text-key bridge deltas
+        q_t, k_t, v_t = text_column(text, self.linear_qkv.weight).view(n_text, heads, 3, d).unbind(2)
+        bridge_t = expert_column_a(text, self.text_bridge_a.weight)
+        dk_t, dv_t = block_diagonal_linear(bridge_t, (self.text_bridge_k_b.weight, self.text_bridge_v_b.weight)).view(
+            n_text, 2, heads, d).unbind(1)
+        # vision expert projections and vision-key bridge deltas
+        a_q, a_k, a_v, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
+            [self.rank, self.rank, self.rank, 2 * self.bridge_rank], dim=1)
+        q_v = F.linear(a_q, self.vision_q_b.weight).view(n_vision, heads, d)
+        k_v = F.linear(a_k, self.vision_k_b.weight).view(n_vision, heads, d)
+        v_v = F.linear(a_v, self.vision_v_b.weight).view(n_vision, heads, d)
+        dk_v, dv_v = block_diagonal_linear(a_bridge, (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)).view(
+            n_vision, 2, heads, d).unbind(1)
+
+        rotary = routing.rotary
+        q_t = apply_rotary(q_t, rotary.cos_text, rotary.sin_text)
+        q_v = apply_rotary(q_v, rotary.cos_vision, rotary.sin_vision)
+        plan = routing.full
+        keys_for_vision = apply_rotary(plan.merge(k_t + dk_t, k_v), rotary.cos.flatten(0, 1), rotary.sin.flatten(0, 1))
+        keys_for_text = apply_rotary(plan.merge(k_t, k_v + dk_v), rotary.cos.flatten(0, 1), rotary.sin.flatten(0, 1))
+        values_for_vision = plan.merge(v_t + dv_t, v_v)
+        values_for_text = plan.merge(v_t, v_v + dv_v)
+
+        core = self._segment_attention if routing.uniform else self._index_attention
+        args = (q_t, q_v, keys_for_text, values_for_text, keys_for_vision, values_for_vision)
+        if self.checkpoint_core:
+            o_t, o_v = tensor_parallel.checkpoint(lambda *a: core(routing, *a), False, *args)
+        else:
+            o_t, o_v = core(routing, *args)
+
+        out_t = text_row(o_t, self.linear_proj.weight)
+        out_v = expert_row(o_v, self.vision_proj_a.weight, self.vision_proj_b.weight)
+        return out_t, out_v
+
+    # -- attention cores: (queries by modality, key/value sets in sequence order) -> outputs by modality --------
+    def _segment_attention(
+        self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_text: Tensor, v_text: Tensor, k_vision: Tensor,
+        v_vision: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        b, heads, d = routing.batch, self.heads_per_rank, self.head_dim
+        outputs: dict = {False: [], True: []}
+        offsets = {False: 0, True: 0}
+        for t0, t1, is_vision in routing.time_segments:
+            rows = (t1 - t0) * b
+            queries = q_v if is_vision else q_t
+            q = queries[offsets[is_vision]:offsets[is_vision] + rows].view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
+            offsets[is_vision] += rows
+            keys, values = (k_vision, v_vision) if is_vision else (k_text, v_text)
+            k = keys[: t1 * b].view(t1, b, heads, d).permute(1, 2, 0, 3)
+            v = values[: t1 * b].view(t1, b, heads, d).permute(1, 2, 0, 3)
+            if t0 == 0:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t1 - t0, t1))
+            outputs[is_vision].append(o.permute(2, 0, 1, 3))  # [t, b, heads, d]
+        return self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
+
+    def _rows(self, pieces: List[Tensor], like: Tensor) -> Tensor:
+        width = self.heads_per_rank * self.head_dim
+        if not pieces:
+            return like.new_empty((0, width))
+        return torch.cat(pieces).reshape(-1, width) if len(pieces) > 1 else pieces[0].reshape(-1, width)
+
+    def _index_attention(
+        self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_text: Tensor, v_text: Tensor, k_vision: Tensor,
+        v_vision: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
+        plan = routing.full
+
+        def bhsd(x: Tensor) -> Tensor:
+            return x.view(s, b, heads, d).permute(1, 2, 0, 3)
+
+        q = bhsd(plan.merge(q_t, q_v))
+        mask: Optional[Tensor] = routing.attention_mask
+        o_text = F.scaled_dot_product_attention(q, bhsd(k_text), bhsd(v_text), attn_mask=mask, is_causal=mask is None)
+        o_vision = F.scaled_dot_product_attention(q, bhsd(k_vision), bhsd(v_vision), attn_mask=mask, is_causal=mask is None)
+        width = heads * d
+        o_t, _ = plan.split(o_text.permute(2, 0, 1, 3).reshape(s * b, width))
+        _, o_v = plan.split(o_vision.permute(2, 0, 1, 3).reshape(s * b, width))
+        return o_t, o_v

@@ -1,0 +1,121 @@
+"""LibraLayer (routed norm → bridge attention → routed norm → routed MLP) and the block that runs them.
+
+The routing of a micro-batch reaches every layer as an explicit argument: ``block(hidden, routing)`` calls
+``layer(hidden, routing)``. Under activation recompute the block checkpoints closures that capture that
+micro-batch's routing object, so a backward that replays a layer (also under 1F1B, where the backward of
+micro-batch i runs after the forward of i+k) sees exactly the routing its forward saw — no global state, no
+tensor encoding. ``recompute_granularity='full'`` with ``recompute_method`` 'uniform' or 'block' follows
+megatron-core's TransformerBlock semantics; 'selective' checkpoints the attention core and/or the MLP.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Union
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
+
+from libra_megatron.config import LibraConfig
+from libra_megatron.model.routing import ModalityRouting
+
+
+@dataclass
+class LibraLayerSubmodules:
+    """Submodules of one Libra decoder layer (classes or ModuleSpecs)."""
+
+    input_layernorm: Union[ModuleSpec, type]
+    self_attention: Union[ModuleSpec, type]
+    pre_mlp_layernorm: Union[ModuleSpec, type]
+    mlp: Union[ModuleSpec, type]
+
+
+class LibraLayer(MegatronModule, BaseTransformerLayer):
+    """One decoder layer; ``forward(hidden [s(/t), b, h], routing) -> hidden``."""
+
+    def __init__(
+        self, config: LibraConfig, submodules: LibraLayerSubmodules, layer_number: int = 1, pg_collection=None,
+        vp_stage=None, **kwargs,
+    ) -> None:
+        super().__init__(config=config)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.input_layernorm = build_module(submodules.input_layernorm, config=config, hidden_size=h, eps=eps)
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_number=self.layer_number, pg_collection=pg_collection
+        )
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h, eps=eps)
+        self.mlp = build_module(submodules.mlp, config=config, pg_collection=pg_collection)
+        self.sequence_parallel = bool(config.sequence_parallel) and config.tensor_model_parallel_size > 1
+
+    def forward(self, hidden_states: Tensor, routing: ModalityRouting) -> Tensor:
+        text, vision = self._normed_rows(self.input_layernorm, hidden_states, routing)
+        hidden_states = self._add_residual(hidden_states, *self.self_attention(text, vision, routing), routing)
+        text, vision = self._normed_rows(self.pre_mlp_layernorm, hidden_states, routing)
+        return self._add_residual(hidden_states, *self.mlp(text, vision), routing)
+
+    def _normed_rows(self, norm, hidden_states: Tensor, routing: ModalityRouting):
+        if not self.sequence_parallel:
+            return norm(hidden_states, routing.full)
+        normed = norm.forward_merged(hidden_states, routing.local)  # this rank's chunk
+        full = gather_from_sequence_parallel_region(normed, tensor_parallel_output_grad=False)
+        return routing.full.split(full)
+
+    def _add_residual(self, residual: Tensor, text: Tensor, vision: Tensor, routing: ModalityRouting) -> Tensor:
+        if not self.sequence_parallel:
+            return routing.full.merge_add(residual, text, vision)
+        merged = routing.full.merge(text, vision).view(routing.seq_length, routing.batch, -1)
+        return residual + scatter_to_sequence_parallel_region(merged)
+
+
+class LibraTransformerBlock(TransformerBlock):
+    """megatron-core's TransformerBlock (layer building, PP offsets, stacked checkpoint keys) with a routed forward."""
+
+    def forward(self, hidden_states: Tensor, routing: ModalityRouting) -> Tensor:  # type: ignore[override]
+        """Run this stage's layers; input is the embedding (first stage) or the received tensor (set_input_tensor)."""
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        with rng:
+            if self.config.recompute_granularity == "full" and self.training:
+                hidden_states = self._checkpointed_layers(hidden_states, routing)
+            else:
+                for layer in self.layers:
+                    hidden_states = layer(hidden_states, routing)
+        return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+
+    def _checkpointed_layers(self, hidden_states: Tensor, routing: ModalityRouting) -> Tensor:
+        def run(start: int, end: int):
+            def custom_forward(hidden: Tensor) -> Tensor:
+                for layer in self.layers[start:end]:
+                    hidden = layer(hidden, routing)
+                return hidden
+
+            return custom_forward
+
+        num_layers, chunk = len(self.layers), self.config.recompute_num_layers
+        distribute = self.config.distribute_saved_activations
+        if self.config.recompute_method == "uniform":
+            for start in range(0, num_layers, chunk):
+                hidden_states = tensor_parallel.checkpoint(run(start, min(start + chunk, num_layers)), distribute,
+                                                           hidden_states)
+        elif self.config.recompute_method == "block":
+            for index in range(num_layers):
+                if index < chunk:
+                    hidden_states = tensor_parallel.checkpoint(run(index, index + 1), distribute, hidden_states)
+                else:
+                    hidden_states = run(index, index + 1)(hidden_states)
+        else:
+            raise ValueError(f"recompute_method must be 'uniform' or 'block', got {self.config.recompute_method!r}")
+        return hidden_states

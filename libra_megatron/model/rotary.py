@@ -1,0 +1,46 @@
+"""Rotary position tables built once per micro-batch from ``position_ids`` (HF LLaMA ``rotate_half`` layout).
+
+Positions are per sample (packed samples restart at 0), so the tables are ``[s, b, 1, d]`` in Megatron's
+sequence-first order, plus the same rows split by modality for the routed queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from libra_megatron.model.routing import RowPlan
+
+
+@dataclass(eq=False)
+class RotaryTables:
+    """cos/sin in sequence order ``[s, b, 1, d]`` and split by modality ``[n_text|n_vision, 1, d]``."""
+
+    cos: Tensor
+    sin: Tensor
+    cos_text: Tensor
+    sin_text: Tensor
+    cos_vision: Tensor
+    sin_vision: Tensor
+
+    @classmethod
+    def build(cls, position_ids: Tensor, plan: RowPlan, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
+        """``position_ids [B, L]`` → tables; frequencies in fp32, cast to the activation dtype like HF."""
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+        freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos_text, cos_vision = plan.split_constant(cos)
+        sin_text, sin_vision = plan.split_constant(sin)
+        return cls(cos, sin, cos_text, sin_text, cos_vision, sin_vision)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin``; cos/sin broadcast over heads."""
+    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,122 @@
+"""Routed linears: the frozen LLaMA weight for text rows, the low-rank expert ``y = B(Ax)`` for vision rows.
+
+Weights live in megatron-core's own parallel layers (so init, TP attributes and ``sharded_state_dict`` are
+theirs) or in :class:`ReplicatedLinear`; the forward is a plain ``F.linear`` on the rows of one modality, with
+the tensor-parallel communication placed explicitly by the helpers below. Every helper takes *complete*
+activations (identical on all TP ranks) and returns complete activations, so text and vision paths can be
+merged row-wise without mixing partial and complete gradients.
+
+TP plan (``t`` = TP size, ``r`` = expert rank = out/4):
+
+=============  ===================================================  =======================================
+role           text path (frozen LLaMA)                              vision path (low-rank expert)
+=============  ===================================================  =======================================
+column         ``copy_to_tp(x)`` → ColumnParallel ``W[out/t, in]``   ``A[r, in]`` replicated → ``copy_to_tp``
+(q,k,v,gate,                                                         on the r-wide ``Ax`` → ColumnParallel
+up, bridges)                                                          ``B[out/t, r]``
+row (o, down)  RowParallel ``W[out, in/t]`` → all-reduce (h wide)    RowParallel ``A[r, in/t]`` → all-reduce
+                                                                     (r wide) → ``B[out, r]`` replicated
+=============  ===================================================  =======================================
+
+Why this plan: the expert's big weights (B of q/k/v/gate/up, A of o/down) are sharded exactly like the dense
+weight they stand in for, so memory per rank scales as 1/t; the replicated halves are the small ones, their
+gradients are complete on every rank without any extra reduction (the copy sits *after* A, so A sees the
+all-reduced r-wide gradient), and the expert's communication is r wide (4x narrower than h) — in backward for
+the column role, in forward for the row role. The math is exact: no rank ever adds a partial sum into a
+complete tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from libra_megatron.config import LibraConfig
+
+
+def normal_init(std: float) -> Callable[[Tensor], Tensor]:
+    """N(0, std) initialiser (spec §1.8: every new Libra weight uses std 0.02)."""
+
+    def init(tensor: Tensor) -> Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def zeros_init(tensor: Tensor) -> Tensor:
+    """Zero initialiser (the bridge B matrices: the bridge starts as the identity)."""
+    return torch.nn.init.zeros_(tensor)
+
+
+def _param_device(config: LibraConfig) -> Optional[torch.device]:
+    return None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+
+
+class ReplicatedLinear(MegatronModule):
+    """A bias-free ``weight [out, in]`` held identically on every TP rank (checkpointed as replicated)."""
+
+    def __init__(self, config: LibraConfig, input_size: int, output_size: int, init_method: Callable) -> None:
+        super().__init__(config=config)
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=_param_device(config))
+        )
+        if config.perform_initialization:
+            with torch.no_grad():
+                init_method(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def column_parallel(
+    config: LibraConfig, input_size: int, output_size: int, init_method: Callable, stride: int = 1
+) -> ColumnParallelLinear:
+    """megatron ColumnParallelLinear used as a weight holder ``[out/t, in]`` (forward via the helpers below)."""
+    return ColumnParallelLinear(
+        input_size, output_size, config=config, init_method=init_method, bias=False, gather_output=False,
+        stride=stride, skip_bias_add=True, disable_grad_reduce=True,
+    )
+
+
+def row_parallel(config: LibraConfig, input_size: int, output_size: int, init_method: Callable) -> RowParallelLinear:
+    """megatron RowParallelLinear used as a weight holder ``[out, in/t]``."""
+    return RowParallelLinear(
+        input_size, output_size, config=config, init_method=init_method, bias=False, input_is_parallel=True,
+        skip_bias_add=True,
+    )
+
+
+def text_column(x: Tensor, weight: Tensor) -> Tensor:
+    """Column role, text rows: complete ``x`` → this rank's output shard."""
+    return F.linear(copy_to_tensor_model_parallel_region(x), weight)
+
+
+def text_row(x_shard: Tensor, weight: Tensor) -> Tensor:
+    """Row role, text rows: this rank's input shard → complete output (h-wide all-reduce)."""
+    return reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight))
+
+
+def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
+    """Column role, vision rows, first half: complete ``x`` → complete ``Ax`` ready for the sharded B's.
+
+    The copy after A all-reduces the r-wide gradient, so A's weight gradient and ``x``'s gradient are complete.
+    """
+    return copy_to_tensor_model_parallel_region(F.linear(x, weight_a))
+
+
+def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Tensor:
+    """Row role, vision rows: this rank's input shard → ``B · allreduce(A_shard x_shard)`` (r-wide all-reduce)."""
+    return F.linear(reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight_a_shard)), weight_b)
+
+
+def block_diagonal_linear(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    """``cat([x_0 @ W_0^T, x_1 @ W_1^T, ...])`` for x = cat(x_0, x_1, ...) in one GEMM (tiny bridge B's)."""
+    return F.linear(x, torch.block_diag(*weights))

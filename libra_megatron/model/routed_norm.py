@@ -1,0 +1,48 @@
+"""Routed RMSNorm: ``weight`` (LLaMA, text rows) and ``vision_weight`` (vision rows), sequence-parallel safe.
+
+Under sequence parallelism the norm runs on this rank's ``[s/t, b, h]`` chunk, so each rank's weight gradient
+is a partial sum over its rows: both weights carry ``sequence_parallel=True`` and megatron-core's
+``finalize_model_grads`` all-reduces them over TP (exactly as for megatron's own norms).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from libra_megatron.config import LibraConfig
+from libra_megatron.model.routing import RowPlan
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim (statistics in fp32 for bf16/fp16 inputs, as HF LLaMA)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RoutedRMSNorm(MegatronModule):
+    """Two RMSNorm weights routed by modality (HF: ``input_layernorm`` / ``vision_input_layernorm`` etc.)."""
+
+    def __init__(self, config: LibraConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(config=config)
+        self.eps = eps
+        device = None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.vision_weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        for param in (self.weight, self.vision_weight):
+            param.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: Tensor, plan: RowPlan) -> Tuple[Tensor, Tensor]:
+        """Rows of ``x`` → (normed text rows, normed vision rows)."""
+        text, vision = plan.split(x)
+        return self.forward_parts(text, vision)
+
+    def forward_parts(self, text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
+        """Norm already-split rows."""
+        return rms_norm(text, self.weight, self.eps), rms_norm(vision, self.vision_weight, self.eps)
+
+    def forward_merged(self, x: Tensor, plan: RowPlan) -> Tensor:
+        """Norm and put the rows back in place: same shape as ``x``."""
+        return plan.merge(*self.forward(x, plan)).view(x.shape)
