@@ -96,6 +96,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
                        help="keep only the newest K checkpoints in --save (default: keep all)")
     group.add_argument("--load", default=None, help="resume from the latest checkpoint here (if any)")
+    group.add_argument("--ckpt-step", type=int, default=None, help="with --load: this iteration instead of the latest")
     group.add_argument("--pretrained-checkpoint", default=None,
                        help="start from these model weights (fresh optimizer, iteration 0) when --load has none")
     group.add_argument("--finetune", action="store_true", help="with --load: model weights only, iteration 0")

@@ -11,7 +11,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from libra_megatron.training.model_family import BatchStats, ModelFamily, masked_sum_and_count, register_family
+from libra_megatron.training.model_family import (BatchStats, ModelFamily, masked_sum_and_count, parallel_config_kwargs,
+                                                   register_family)
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
 
 # name -> (layers, hidden, heads, ffn, vocab of the Libra id space it reads)
@@ -32,41 +33,6 @@ def _preset(args: argparse.Namespace) -> Dict[str, Any]:
 def _shape(args: argparse.Namespace) -> Dict[str, int]:
     preset = _preset(args)
     return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"]}
-
-
-def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """TransformerConfig fields every family takes from the flags: layout, precision, recompute, loss mode."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    on_cpu = getattr(args, "device", "cpu") == "cpu"
-    vpp = args.virtual_pipeline_model_parallel_size
-    kwargs = dict(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=args.sequence_parallel,
-        pipeline_dtype=dtype,
-        params_dtype=torch.float32 if not args.bf16 else torch.bfloat16,
-        bf16=args.bf16,
-        calculate_per_token_loss=args.calculate_per_token_loss,
-        use_cpu_initialization=on_cpu or getattr(args, "meta_device", False),
-        perform_initialization=not getattr(args, "meta_device", False),
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
-        # (shared/spec/cpu-feasibility.md, exp 4): send and receive one by one there.
-        batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and on_cpu),
-    )
-    if args.recompute_granularity == "full":
-        kwargs.update(recompute_granularity="full", recompute_method=args.recompute_method,
-                      recompute_num_layers=args.recompute_num_layers)
-    elif args.recompute_granularity == "selective":
-        kwargs.update(recompute_granularity="selective")
-    return kwargs
 
 
 def _build_config(args: argparse.Namespace) -> Any:
@@ -106,7 +72,8 @@ def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_feat
     return model(batch["tokens"][0], batch["position_ids"], None, labels=labels.clamp_min(0))
 
 
-def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor],
+                 vocab: Any) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     mask = batch["labels"][0] != IGNORE_INDEX
     loss_sum = (output.float() * mask).sum()
     count = mask.sum().to(torch.int)

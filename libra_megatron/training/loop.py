@@ -8,6 +8,7 @@ tower runs inside the forward step on the first pipeline stage only.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class StepOutcome:
     stop_signal: bool
 
 
-def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable]) -> Callable:
+def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable], vocab: Any) -> Callable:
     """The ``forward_step_func(data_iterator, model)`` the schedules call, returning ``(output, loss_func)``."""
 
     def forward_step(data_iterator: Any, model: torch.nn.Module):
@@ -45,13 +46,13 @@ def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable]) -
             if pixels is not None and pixels.shape[0] > 0:
                 clip_features = vision_encoder(pixels)
         output = family.run_model(model, batch, clip_features)
-        return output, partial(_loss_func, family, batch)
+        return output, partial(_loss_func, family, batch, vocab)
 
     return forward_step
 
 
-def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], output: torch.Tensor):
-    loss_sum, num_tokens, parts = family.reduce_loss(output, batch)
+def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], vocab: Any, output: torch.Tensor):
+    loss_sum, num_tokens, parts = family.reduce_loss(output, batch, vocab)
     report = {key: value.detach().clone() for key, value in parts.items()}
     report["sample_ids"] = batch["sample_ids"]
     return loss_sum, num_tokens, report
@@ -146,15 +147,20 @@ class Trainer:
         self.stream = MicroBatchStream(dataset, args, self.resume.consumed_samples,
                                        parallel_state.get_data_parallel_rank(),
                                        parallel_state.get_data_parallel_world_size(), self.vocab.image_positions)
-        self.forward_step = make_forward_step(family, self.vision_encoder)
+        self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab)
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
 
     def _load(self):
-        from libra_megatron.training.checkpointing import ResumeState, latest_checkpoint, load_checkpoint
+        from libra_megatron.training.checkpointing import (ResumeState, checkpoint_dir, latest_checkpoint,
+                                                           load_checkpoint)
 
         args = self.args
         path = latest_checkpoint(args.load) if args.load else None
+        if args.load and args.ckpt_step is not None:
+            path = checkpoint_dir(args.load, args.ckpt_step)
+            if not os.path.isfile(os.path.join(path, "metadata.json")):
+                raise FileNotFoundError(f"--ckpt-step {args.ckpt_step}: no finished checkpoint at {path}")
         if path is not None:
             return load_checkpoint(path, self.model, self.optimizer, self.scheduler, args, weights_only=args.finetune)
         if args.pretrained_checkpoint:

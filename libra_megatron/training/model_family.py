@@ -81,7 +81,7 @@ class ModelFamily:
         set_trainable: ``(module, stage) -> None``: freezes what the stage does not train.
         run_model: ``(model, batch, clip_features) -> output`` (hidden states, or the per-position loss on the
             last stage).
-        reduce_loss: ``(output, batch) -> (loss_sum, num_tokens, {key: [sum, count]})`` for ``LOSS_KEYS``.
+        reduce_loss: ``(output, batch, vocab) -> (loss_sum, num_tokens, {key: [sum, count]})`` for ``LOSS_KEYS``.
         model_flops: ``(args, config, BatchStats) -> float``: model FLOPs of one training step on those tokens
             (forward + backward, frozen weights counted 4N, trainable 6N, frozen CLIP forward 2N).
         vocab: the ``LibraVocab`` of the batches the model reads.
@@ -96,12 +96,48 @@ class ModelFamily:
     provider: Callable[..., torch.nn.Module]
     set_trainable: Callable[[torch.nn.Module, str], None]
     run_model: Callable[..., torch.Tensor]
-    reduce_loss: Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor, Dict]]
+    reduce_loss: Callable[[torch.Tensor, Dict[str, torch.Tensor], Any], Tuple[torch.Tensor, torch.Tensor, Dict]]
     model_flops: Callable[[argparse.Namespace, Any, BatchStats], float]
     vocab: Callable[[argparse.Namespace], Any]
     needs_vision: bool = False
     build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """TransformerConfig fields every family takes from the flags: layout, precision, recompute, loss mode."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    on_cpu = getattr(args, "device", "cpu") == "cpu"
+    gloo = (args.distributed_backend or ("gloo" if on_cpu else "nccl")) == "gloo"
+    vpp = args.virtual_pipeline_model_parallel_size
+    kwargs = dict(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=torch.float32 if not args.bf16 else torch.bfloat16,
+        bf16=args.bf16,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        use_cpu_initialization=on_cpu or getattr(args, "meta_device", False),
+        perform_initialization=not getattr(args, "meta_device", False),
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
+        # (shared/spec/cpu-feasibility.md, exp 4): send and receive one by one there.
+        batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and gloo),
+    )
+    if args.recompute_granularity == "full":
+        kwargs.update(recompute_granularity="full", recompute_method=args.recompute_method,
+                      recompute_num_layers=args.recompute_num_layers)
+    elif args.recompute_granularity == "selective":
+        kwargs.update(recompute_granularity="selective")
+    return kwargs
 
 
 FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}

@@ -1,0 +1,125 @@
+"""The Libra model (``libra_megatron.model.LibraModel``) behind the loop's :class:`ModelFamily` interface.
+
+Feeding: every stage gets ``vision_indices``/``position_ids``/``segment_ids`` (routing), the first stage also
+``tokens`` and the CLIP features of the micro-batch's images, the last stage ``labels``; the last stage returns the
+per-position loss, reduced by ``libra_loss_reduction`` into total / text / image sums and token counts.
+
+FLOPs (:func:`libra_step_flops`), per training step, for the tokens actually present:
+
+* a GEMM with N weights costs 2N per token forward; backward adds 2N for the input gradient and 2N more for the
+  weight gradient only when the weight trains: frozen 4N, trainable 6N (``pretrain`` freezes the LLaMA weights);
+* text tokens go through the text weights, image tokens (``<boi>``, patches, ``<eoi>``) through the low-rank
+  expert (rank out/4), every token through its modality's two rank-r bridge maps (trainable);
+* attention scores and values once per causal query-key pair (4·h forward, 3x for forward + backward), though the
+  engine may compute two attention calls for the bridge;
+* image positions: the hybrid input projection ``(h + F) -> h``; outputs: the text head on text positions, the C
+  codebook heads on image positions;
+* the frozen CLIP tower: forward only (2N), blocks up to the deepest selected layer.
+Activation recompute is not counted (model FLOPs, as Megatron-LM's MFU).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Tuple
+
+import torch
+
+from libra_megatron.training.model_family import BatchStats, ModelFamily, parallel_config_kwargs, register_family
+
+
+def _preset_fields(args: argparse.Namespace) -> Dict[str, Any]:
+    from libra_megatron.config import PRESETS
+
+    if args.model not in PRESETS:
+        raise ValueError(f"--model '{args.model}' is not a Libra preset; known: {sorted(PRESETS)}")
+    return PRESETS[args.model]
+
+
+def _shape(args: argparse.Namespace) -> Dict[str, int]:
+    preset = _preset_fields(args)
+    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"]}
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from libra_megatron.config import libra_config
+
+    overrides = parallel_config_kwargs(args)
+    if args.num_layers is not None:
+        overrides["num_layers"] = args.num_layers
+    return libra_config(args.model, **overrides)
+
+
+def _vocab(args: argparse.Namespace) -> Any:
+    from libra_megatron.vocab import LibraVocab
+
+    preset = _preset_fields(args)
+    return LibraVocab(text_vocab_size=preset["text_vocab_size"], codebook_size=preset["codebook_size"],
+                      num_codebooks=preset["num_codebooks"], image_resolution=preset["image_resolution"])
+
+
+def _provider(config: Any, args: argparse.Namespace, pre_process: bool, post_process: bool,
+              vp_stage: Any = None) -> torch.nn.Module:
+    from libra_megatron.model.libra_model import LibraModel
+
+    return LibraModel(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def _set_trainable(module: torch.nn.Module, stage: str) -> None:
+    module.set_training_stage(stage)
+
+
+def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_features: Any) -> torch.Tensor:
+    return model(batch["tokens"], batch["vision_indices"], batch["position_ids"], labels=batch["labels"],
+                 clip_features=clip_features, segment_ids=batch.get("segment_ids"))
+
+
+def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor],
+                 vocab: Any) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+    from libra_megatron.model.output import libra_loss_reduction
+
+    return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab)
+
+
+def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str, int] | None) -> float:
+    """Model FLOPs of one training step (forward + backward) of Libra on the tokens of ``stats``."""
+    from libra_megatron.training.vision import clip_forward_flops
+
+    h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    ra, rf, rb = h // config.vision_down_ratio, f // config.vision_down_ratio, config.bridge_rank
+    text_mult = 6.0 if stage == "instruct" else 4.0  # the LLaMA weights train only in instruct
+    text_layer = 4 * h * h + 3 * h * f
+    vision_layer = 4 * (h * ra + ra * h) + 2 * (h * rf + rf * f) + (f * ra + ra * h)
+    bridge_layer = 2 * (h * rb + rb * h)  # the K and V bridge of the token's own modality
+    text, image = float(stats.text_tokens), float(stats.image_tokens)
+    flops = layers * (text_mult * text * text_layer + 6.0 * image * vision_layer + 6.0 * (text + image) * bridge_layer)
+    flops += layers * 3.0 * 4.0 * h * stats.attention_pairs
+    flops += 6.0 * image * (h + config.clip_feature_size) * h  # hybrid input projection
+    flops += text_mult * text * h * config.text_vocab_size + 6.0 * image * h * config.num_codebooks * (
+        config.codebook_size + 2)
+    if clip is not None:
+        flops += clip_forward_flops(clip, stats.images)
+    return flops
+
+
+def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
+    from libra_megatron.training.vision import clip_geometry
+
+    if not hasattr(args, "_clip_geometry"):
+        args._clip_geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
+    return libra_step_flops(config, stats, args.stage, args._clip_geometry)
+
+
+def _build_vision(args: argparse.Namespace) -> Any:
+    from libra_megatron.training.vision import FrozenClipFeatures
+
+    return FrozenClipFeatures(args)
+
+
+@register_family("libra")
+def libra_family() -> ModelFamily:
+    """The Libra family (the default ``--model-family``)."""
+    return ModelFamily(
+        name="libra", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
+        run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops, vocab=_vocab, needs_vision=True,
+        build_vision=_build_vision,
+    )
