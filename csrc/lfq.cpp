@@ -34,22 +34,19 @@ constexpr int64_t kBlockRows = 256;
 // b0 b1 ... b7, MSB first. Requires a little-endian load of the 8 bytes.
 constexpr uint64_t kGatherBits = 0x8040201008040201ULL;
 
+// `bits` must stay readable for 8 bytes past `count` (the block buffer is padded): every load is a fixed
+// 8-byte load, masked to the bytes that belong to this codebook, so no variable-length memcpy is called.
 inline uint64_t pack_msb_first(const uint8_t* bits, int64_t count) {
   uint64_t id = 0;
-  int64_t k = 0;
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  for (; k < count; ++k) id = (id << 1) | bits[k];
+  for (int64_t k = 0; k < count; ++k) id = (id << 1) | bits[k];
 #else
-  for (; k + 8 <= count; k += 8) {
+  for (int64_t k = 0; k < count; k += 8) {
+    const int64_t take = count - k < 8 ? count - k : 8;
     uint64_t word;
     std::memcpy(&word, bits + k, 8);
-    id = (id << 8) | ((word * kGatherBits) >> 56);
-  }
-  if (k < count) {
-    const int64_t rest = count - k;
-    uint64_t word = 0;
-    std::memcpy(&word, bits + k, static_cast<size_t>(rest));
-    id = (id << rest) | (((word * kGatherBits) >> 56) >> (8 - rest));
+    if (take < 8) word &= (uint64_t{1} << (8 * take)) - 1;
+    id = (id << take) | (((word * kGatherBits) >> 56) >> (8 - take));
   }
 #endif
   return id;
@@ -133,28 +130,41 @@ void block_sign_bits(const libra::LfqPackArgs& a, int64_t start, int64_t rows, u
   }
 }
 
+// Pass 2 for a block: pack each row's bytes into ids and store them. kBits > 0 fixes the bits per codebook at
+// compile time (Libra's 9) so the packing unrolls; 0 reads it from the arguments.
+template <int64_t kBits>
+void store_block(const libra::LfqPackArgs& a, const uint8_t* bits, int64_t first_row, int64_t count) {
+  const int64_t nbits = kBits > 0 ? kBits : a.bits;
+  const int64_t width = a.codebooks * nbits;
+  int64_t n = first_row / a.patches;
+  int64_t p = first_row - n * a.patches;
+  for (int64_t r = 0; r < count; ++r) {
+    int64_t* dst = a.out + n * a.image_stride + p * a.patch_stride + a.first_patch;
+    const uint8_t* row_bits = bits + r * width;
+    for (int64_t c = 0; c < a.codebooks; ++c) {
+      dst[c * a.plane_stride] = static_cast<int64_t>(pack_msb_first(row_bits + c * nbits, nbits)) + a.offset;
+    }
+    if (++p == a.patches) {
+      p = 0;
+      ++n;
+    }
+  }
+}
+
 void lfq_pack_cpu(const libra::LfqPackArgs& a) {
   const int64_t rows = a.images * a.patches;
   const int64_t width = a.codebooks * a.bits;
   // ~64 KiB of logits per task keeps the per-thread byte buffer in L1/L2 and amortises the fork.
   const int64_t grain = std::max<int64_t>(kBlockRows, (1 << 16) / std::max<int64_t>(width, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> bits(static_cast<size_t>(kBlockRows * width));
+    std::vector<uint8_t> bits(static_cast<size_t>(kBlockRows * width + 8));  // +8: see pack_msb_first
     for (int64_t block = begin; block < end; block += kBlockRows) {
       const int64_t count = std::min(kBlockRows, end - block);
       block_sign_bits(a, block * width, count, bits.data());
-      int64_t n = block / a.patches;
-      int64_t p = block - n * a.patches;
-      for (int64_t r = 0; r < count; ++r) {
-        int64_t* dst = a.out + n * a.image_stride + p * a.patch_stride + a.first_patch;
-        const uint8_t* row_bits = bits.data() + r * width;
-        for (int64_t c = 0; c < a.codebooks; ++c) {
-          dst[c * a.plane_stride] = static_cast<int64_t>(pack_msb_first(row_bits + c * a.bits, a.bits)) + a.offset;
-        }
-        if (++p == a.patches) {
-          p = 0;
-          ++n;
-        }
+      if (a.bits == 9) {
+        store_block<9>(a, bits.data(), block, count);
+      } else {
+        store_block<0>(a, bits.data(), block, count);
       }
     }
   });
