@@ -109,7 +109,7 @@ def make_batch(layout: str, T: int = 512, seed: int = 0, packed: bool = False, d
     rows = []
     for pieces in LAYOUTS[layout]:
         if packed:
-            first, second = build_sample(pieces, T, g), build_sample([7], T, g)
+            first, second = build_sample(pieces, T, g), build_sample([8], T, g)
             ids = torch.cat([first[0], second[0]], dim=1)
             vis = torch.cat([first[1], second[1]])
             seg = torch.cat([torch.ones(first[1].numel()), torch.full((second[1].numel(),), 2)]).long()
