@@ -86,6 +86,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-path", nargs="*", default=None,
                        help="dataset prefixes, optionally weighted: 'w1 prefix1 w2 prefix2'")
     group.add_argument("--mock-data", action="store_true", help="deterministic synthetic samples (no files)")
+    group.add_argument("--packing", action="store_true", help="pack several samples per row (block-diagonal attention)")
+    group.add_argument("--data-seed", type=int, default=None, help="seed of the sample order (default: --seed)")
+    group.add_argument("--data-cache-path", default=None,
+                       help="shared folder for the sample-order cache (rank 0 builds it, every rank mmaps it)")
     group.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
 
 

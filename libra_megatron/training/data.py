@@ -10,7 +10,7 @@ checkpoint's consumed-sample count, so the run sees exactly the samples an unint
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -38,39 +38,43 @@ class DataParallelSlices(torch.utils.data.Sampler):
 
 
 def dataset_files(prefix: str) -> List[str]:
-    """Files one ``--data-path`` prefix needs (megatron indexed-dataset layout)."""
-    return [prefix + ".bin", prefix + ".idx"]
+    """Files one ``--data-path`` prefix needs (tools/preprocess_images.py output: binaries + sidecar)."""
+    return [prefix + ".bin", prefix + ".idx", prefix + ".json"]
 
 
-def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Any:
-    """The training dataset: ``--mock-data`` samples, or the preprocessed binaries of ``--data-path``."""
+def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, Optional[int]]:
+    """The training dataset and its sample count (None = unbounded): ``--mock-data`` samples, or the
+    preprocessed binaries of ``--data-path`` (blended by weight, ``train_iters x global batch`` samples)."""
     if args.mock_data:
         from libra_megatron.training.mock_data import MockPretrainDataset
 
-        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed, image_size=getattr(args, "image_size", 336))
-    from libra_megatron.training import real_data
+        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed), None
+    from libra_megatron.data.dataset import LibraDataset, LibraDatasetConfig
 
-    return real_data.build_dataset(args, vocab)
-
-
-def default_collate(dataset: Any) -> Callable[[List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]:
-    """The dataset's own ``collate`` when it has one, else stacking in the batch-contract layout."""
-    from libra_megatron.training.mock_data import collate_samples
-
-    return getattr(dataset, "collate", collate_samples)
+    weights = [weight for weight, _ in args.data_blend]
+    config = LibraDatasetConfig(
+        prefixes=[prefix for _, prefix in args.data_blend], seq_length=args.seq_length,
+        weights=weights if len(weights) > 1 else None, num_samples=args.train_iters * args.global_batch_size,
+        seed=args.data_seed if args.data_seed is not None else args.seed, packing=args.packing,
+        cache_dir=args.data_cache_path,
+    )
+    dataset = LibraDataset(config, vocab=vocab)
+    return dataset, len(dataset)
 
 
 class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
-    def __init__(self, dataset: Any, args: argparse.Namespace, consumed_samples: int, dp_rank: int,
-                 dp_size: int, image_positions: int) -> None:
+    def __init__(self, dataset: Any, total_samples: Optional[int], args: argparse.Namespace, consumed_samples: int,
+                 dp_rank: int, dp_size: int, vocab: Any) -> None:
+        from libra_megatron.data.dataset import collate_batch
+
         self.num_microbatches = args.num_microbatches
-        self.image_positions = image_positions
-        sampler = DataParallelSlices(consumed_samples, args.micro_batch_size, dp_rank, dp_size)
+        self.vocab = vocab
+        sampler = DataParallelSlices(consumed_samples, args.micro_batch_size, dp_rank, dp_size, total_samples)
         workers = args.num_workers
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=default_collate(dataset),
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batch,
             pin_memory=args.device == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
@@ -82,10 +86,13 @@ class MicroBatchStream:
         (:class:`~libra_megatron.training.model_family.BatchStats`, computed on the host copies)."""
         from libra_megatron.training.model_family import BatchStats, batch_stats
 
-        batches = [next(self._iterator) for _ in range(self.num_microbatches)]
+        try:
+            batches = [next(self._iterator) for _ in range(self.num_microbatches)]
+        except StopIteration:
+            raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
         stats = BatchStats()
         for batch in batches:
-            stats.add(batch_stats(batch, self.image_positions))
+            stats.add(batch_stats(batch, self.vocab))
         if self.device is not None:
             batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
         return batches, stats

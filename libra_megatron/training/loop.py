@@ -31,7 +31,7 @@ class StepOutcome:
     reports: List[Dict[str, torch.Tensor]]
     grad_norm: Optional[float]
     skipped: bool
-    nonfinite: bool
+    nonfinite_samples: List[int]
     stop_signal: bool
 
 
@@ -83,7 +83,6 @@ def train_step(forward_step: Callable, micro_batches: List[Dict[str, torch.Tenso
                stop_requested: bool = False) -> StepOutcome:
     """Forward/backward over the step's micro-batches, then the optimizer update unless a loss was non-finite."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model:
@@ -100,19 +99,21 @@ def train_step(forward_step: Callable, micro_batches: List[Dict[str, torch.Tenso
     flags = torch.tensor([float(bool(bad_samples)), float(stop_requested)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     nonfinite, stop_signal = bool(flags[0].item()), bool(flags[1].item())
-    if bad_samples and parallel_state.get_tensor_model_parallel_rank() == 0:
+    if nonfinite:  # rare: tell every rank which samples it was (only the last stages know)
+        gathered: List[List[int]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, bad_samples)
+        bad_samples = sorted({i for ids in gathered for i in ids})
         action = "stopping" if args.on_nan == "stop" else "skipping the update"
-        print(f"WARNING: non-finite loss at iteration {iteration} (data-parallel rank "
-              f"{parallel_state.get_data_parallel_rank()}), sample ids {bad_samples}: {action}", flush=True)
-    if nonfinite:
+        if dist.get_rank() == 0:
+            print(f"WARNING: non-finite loss at iteration {iteration} in samples {bad_samples}: {action}", flush=True)
         if args.on_nan == "stop":
-            raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (--on-nan stop); see the sample "
-                                     "ids printed above")
-        return StepOutcome(reports, None, True, True, stop_signal)
+            raise NonFiniteLossError(f"non-finite loss at iteration {iteration} in samples {bad_samples} "
+                                     "(--on-nan stop)")
+        return StepOutcome(reports, None, True, bad_samples, stop_signal)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=args.global_batch_size)
-    return StepOutcome(reports, None if grad_norm is None else float(grad_norm), not update_successful, False,
+    return StepOutcome(reports, None if grad_norm is None else float(grad_norm), not update_successful, [],
                        stop_signal)
 
 
@@ -143,10 +144,10 @@ class Trainer:
         if family.build_vision is not None and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             self.vision_encoder = family.build_vision(args)
         self.vocab = family.vocab(args)
-        dataset = build_train_dataset(args, self.vocab)
-        self.stream = MicroBatchStream(dataset, args, self.resume.consumed_samples,
+        dataset, total_samples = build_train_dataset(args, self.vocab)
+        self.stream = MicroBatchStream(dataset, total_samples, args, self.resume.consumed_samples,
                                        parallel_state.get_data_parallel_rank(),
-                                       parallel_state.get_data_parallel_world_size(), self.vocab.image_positions)
+                                       parallel_state.get_data_parallel_world_size(), self.vocab)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab)
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
@@ -208,7 +209,9 @@ class Trainer:
                     model_tflops=self.family.model_flops(args, self.config, global_stats) / 1e12,
                     tokens=global_stats.text_tokens + global_stats.image_tokens, samples=args.global_batch_size,
                 )
-                self.logger.log(record, outcome.nonfinite)
+                if outcome.nonfinite_samples:
+                    record.extra["nonfinite_sample_ids"] = outcome.nonfinite_samples
+                self.logger.log(record, bool(outcome.nonfinite_samples))
                 self.history.append(record.as_json())
                 if args.save and args.save_interval and iteration % args.save_interval == 0:
                     self.save(iteration, consumed)

@@ -2,12 +2,13 @@
 
 Sample ``i`` depends only on ``(seed, i)``: ``<s>``, one image span (``<boi>``, the patch codes, ``<eoi>``), ``\\n``,
 a caption of text ids, right padding. Labels follow spec §3.2 (image codes, ``<eoi>`` and the caption carry loss;
-``<s>``, ``<boi>``, ``\\n`` and padding do not), already shifted (Megatron convention). The codes are a simple
+``<s>``, ``<boi>``, ``\\n`` and padding do not), already shifted (Megatron convention). Rows have the layout of
+``libra_megatron.data.dataset.LibraDataset`` rows (collated by its ``collate_batch``). The codes are a simple
 function of the pixels' mean colour and the caption repeats a colour word, so the task is learnable.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
@@ -57,21 +58,5 @@ class MockPretrainDataset:
         vision_indices[image_start:image_end] = vocab.image_vision_indices()
         return {
             "tokens": tokens, "labels": labels, "vision_indices": vision_indices,
-            "position_ids": torch.arange(length), "pixels": pixels.unsqueeze(0),
-            "sample_ids": torch.tensor(int(index)),
+            "position_ids": torch.arange(length), "pixels": pixels.unsqueeze(0), "sample_id": int(index),
         }
-
-
-def collate_samples(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per-sample dicts into one micro-batch of the batch contract (planes first for tokens/labels)."""
-    batch = {
-        "tokens": torch.stack([s["tokens"] for s in samples], dim=1),
-        "labels": torch.stack([s["labels"] for s in samples], dim=1),
-        "vision_indices": torch.stack([s["vision_indices"] for s in samples]),
-        "position_ids": torch.stack([s["position_ids"] for s in samples]),
-        "pixels": torch.cat([s["pixels"] for s in samples]),
-        "sample_ids": torch.stack([s["sample_ids"] for s in samples]),
-    }
-    if all("segment_ids" in s for s in samples):
-        batch["segment_ids"] = torch.stack([s["segment_ids"] for s in samples])
-    return batch

@@ -45,24 +45,26 @@ class BatchStats:
         return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
 
 
-def batch_stats(batch: Dict[str, torch.Tensor], image_positions: int) -> BatchStats:
-    """Real token counts of one micro-batch of the batch contract.
+def batch_stats(batch: Dict[str, torch.Tensor], vocab: Any) -> BatchStats:
+    """Real token counts of one micro-batch of the batch contract (right padding excluded).
 
-    Padding is excluded where the batch marks it (``segment_ids < 0``); attention pairs are counted per packed
-    segment (causal: ``L (L + 1) / 2`` query-key pairs per segment of length ``L``).
+    Packed rows: the positions with ``segment_ids > 0``, attention pairs counted per segment; unpacked rows: up to
+    the last non-pad token. Causal attention: ``L (L + 1) / 2`` query-key pairs per sequence of length ``L``.
     """
+    vision = batch["vision_indices"] < vocab.text_vision_index
     segments = batch.get("segment_ids")
-    vision = batch["vision_indices"] < image_positions
     if segments is not None:
-        valid = segments >= 0
+        valid = segments > 0
         pairs = 0.0
         for row in segments:
-            _, counts = torch.unique_consecutive(row[row >= 0], return_counts=True)
+            _, counts = torch.unique_consecutive(row[row > 0], return_counts=True)
             pairs += float((counts.double() * (counts.double() + 1) / 2).sum())
     else:
-        valid = torch.ones_like(vision)
-        length = float(vision.shape[1])
-        pairs = vision.shape[0] * length * (length + 1) / 2
+        content = (batch["tokens"][0] != vocab.pad_id) | vision
+        positions = torch.arange(content.shape[1]).expand_as(content)
+        lengths = torch.where(content, positions + 1, torch.zeros_like(positions)).amax(dim=1)
+        valid = positions < lengths.unsqueeze(1)
+        pairs = float((lengths.double() * (lengths.double() + 1) / 2).sum())
     image_tokens = int((vision & valid).sum())
     text_tokens = int(valid.sum()) - image_tokens
     images = int(batch["pixels"].shape[0]) if batch.get("pixels") is not None else 0
