@@ -226,6 +226,33 @@ def merge_grads(per_rank: List[Dict[str, Tuple[int, Tensor]]], config) -> Dict[s
     return engine_to_hf(full, config)
 
 
+def run_schedule(model, config, batches: List[dict], forward_only: bool = False) -> Optional[List[float]]:
+    """One megatron-core schedule call over ``batches`` (equal shapes); per-micro-batch loss sums on the last
+    pipeline stage, None elsewhere. Gradients accumulate in ``param.grad``."""
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from libra_megatron.model import libra_loss_reduction
+
+    def loss_func(batch, output):
+        return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], config.vocab)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        return chunk(**model_inputs(batch)), partial(loss_func, batch)
+
+    B, L = batches[0]["vision_indices"].shape
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=L, micro_batch_size=B, forward_only=forward_only,
+    )
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [float(r["lm loss"][0]) for r in reports]
+
+
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments LibraModel.forward takes from a test batch."""
     keys = ("tokens", "vision_indices", "position_ids", "labels", "clip_features", "segment_ids")

@@ -23,13 +23,9 @@ GROUPS: List[List[Tuple[str, bool]]] = [
 
 
 def _run_groups(groups, sequence_parallel: bool = False, recompute: bool = False) -> Dict:
-    from functools import partial
-
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from libra_megatron.model import libra_loss_reduction
-    from tests.model.helpers import (build_model, hf_weights, load_hf, local_grads, make_batch, model_inputs,
+    from tests.model.helpers import (build_model, hf_weights, load_hf, local_grads, make_batch, run_schedule,
                                      tiny_config, tiny_sizes)
 
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
@@ -37,25 +33,10 @@ def _run_groups(groups, sequence_parallel: bool = False, recompute: bool = False
                          pipeline_dtype=torch.float32, **extra)
     model = build_model(config)
     load_hf(model, hf_weights(tiny_sizes(TEXT_VOCAB)), config)
-
-    def loss_func(batch, output):
-        return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], config.vocab)
-
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        return chunk(**model_inputs(batch)), partial(loss_func, batch)
-
     losses, grads = [], []
     for group in groups:
-        batches = [make_batch(layout, T=TEXT_VOCAB, packed=packed) for layout, packed in group]
-        B, L = batches[0]["vision_indices"].shape
         model.zero_grad()
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-            seq_length=L, micro_batch_size=B, forward_only=False,
-        )
-        if ps.is_pipeline_last_stage():
-            losses.append([float(r["lm loss"][0]) for r in reports])
+        losses.append(run_schedule(model, config, [make_batch(layout, T=TEXT_VOCAB, packed=packed) for layout, packed in group]))
         grads.append(local_grads(model, config))
     return {"losses": losses if ps.is_pipeline_last_stage() else None, "grads": grads, "config": config}
 

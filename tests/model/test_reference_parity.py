@@ -45,8 +45,12 @@ def _engine_outputs(cases, text_vocab: int, recompute: bool = False) -> List[Dic
             config = tiny_config(text_vocab, force_general_routing=force, **extra)
             model = build_model(config)
             load_hf(model, weights, config)
-            models[force] = (model, config)
-        model, config = models[force]
+            calls = [0]
+            for layer in model.decoder.layers:
+                layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            models[force] = (model, config, calls)
+        model, config, calls = models[force]
+        calls[0] = 0
         batch = make_batch(layout, T=text_vocab, packed=packed)
         inputs = model_inputs(batch)
         model.zero_grad()
@@ -55,7 +59,7 @@ def _engine_outputs(cases, text_vocab: int, recompute: bool = False) -> List[Dic
         loss.sum().backward()
         with torch.no_grad():
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        results.append(dict(loss=loss.detach(), logits=logits, uniform=routing.uniform,
+        results.append(dict(loss=loss.detach(), logits=logits, uniform=routing.uniform, layer_calls=calls[0],
                             grads=merge_grads([local_grads(model, config)], config)))
     return results
 
@@ -106,6 +110,7 @@ def test_full_recompute_and_padded_vocab_match_reference() -> None:
     for (layout, packed, _), got in zip(cases, results):
         batch = make_batch(layout, T=300, packed=packed)
         _, ref_loss, ref_grads = _reference(batch, hf_weights(sizes), sizes)
+        assert got["layer_calls"] == 2 * 3, "each layer runs in forward, again in backward (recompute), and for logits"
         assert float(abs(got["loss"].sum() - ref_loss) / ref_loss) <= 1e-6
         for name, ref in ref_grads.items():
             if ref.abs().max() > 0:
