@@ -57,6 +57,7 @@ def write_hf_libra(out_dir: str, config: LibraConfig, tensors: Iterable[Tuple[st
     every key and shape is checked against the released layout. Returns ``out_dir``."""
     key_shapes = hf_key_shapes(config)
     writer_config = released_config_dict(config_fields(config))
+    writer_config["torch_dtype"] = str(dtype).replace("torch.", "")
     with atomic_folder(out_dir, overwrite) as folder:
         writer = ShardedSafetensorsWriter(folder, key_shapes, dtype, max_shard_bytes)
         buffers = constant_buffers(config)
