@@ -124,12 +124,13 @@ class SampleReader:
         return len(self.document_indices) - 1
 
     def pieces(self, sample: int) -> List[Tuple[int, np.ndarray]]:
-        """``[(kind, array), ...]`` of one sample, in order."""
+        """``[(kind, array), ...]`` of one sample, in order (copies: megatron-core unmaps its views when the
+        reader is garbage collected)."""
         if not 0 <= sample < len(self):
             raise IndexError(f"sample {sample} out of range for {self.prefix} ({len(self)} samples)")
         start, end = int(self.document_indices[sample]), int(self.document_indices[sample + 1])
         arrays, modes = self.dataset[start:end]
-        return [(int(mode), array) for mode, array in zip(modes, arrays)]
+        return [(int(mode), np.array(array)) for mode, array in zip(modes, arrays)]
 
 
 def sample_token_lengths(reader: SampleReader, vocab: LibraVocab) -> np.ndarray:

@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import re
-import signal
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -23,15 +22,6 @@ import numpy as np
 from libra_megatron.data.indexed import SampleWriter, merge_indexed
 from libra_megatron.data.sidecar import atomic_write_json, sidecar_path
 from libra_megatron.vocab import LibraVocab
-
-FAULT_ENV = "LIBRA_PREPROCESS_FAULT"  # tests only: "<chunk_id>:<stage>" SIGKILLs this process at that point
-
-
-def _fault_point(chunk_id: int, stage: str) -> None:
-    """Fault injection for the resume tests (no effect unless ``LIBRA_PREPROCESS_FAULT`` names this point)."""
-    if os.environ.get(FAULT_ENV) == f"{chunk_id}:{stage}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as handle:
@@ -101,12 +91,10 @@ class PartStore:
             record = fill(writer)
         finally:
             writer.finalize(tmp + ".idx")
-        _fault_point(chunk_id, "after_finalize")
         for ext in (".bin", ".idx"):
             _fsync_file(tmp + ext)
         os.replace(tmp + ".bin", final + ".bin")
         os.replace(tmp + ".idx", final + ".idx")
-        _fault_point(chunk_id, "before_commit")
         record = dict(record, chunk_id=chunk_id, bin_bytes=os.path.getsize(final + ".bin"),
                       idx_bytes=os.path.getsize(final + ".idx"))
         atomic_write_json(final + ".json", record)
