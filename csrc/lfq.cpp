@@ -21,8 +21,8 @@
 #include <vector>
 
 #ifdef LIBRA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace {
@@ -212,7 +212,7 @@ void run_pack(libra::LfqPackArgs& a, const at::Tensor& logits, const std::option
 #ifdef LIBRA_WITH_CUDA
   TORCH_CHECK(logits.device().is_cuda(), "lfq: unsupported device ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
-  const char* error = libra::lfq_pack_cuda(a, at::cuda::getCurrentCUDAStream().stream());
+  const char* error = libra::lfq_pack_cuda(a, c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
   TORCH_CHECK(error == nullptr, "lfq: CUDA kernel failed: ", error);
 #else
   TORCH_CHECK(false, "lfq: libra_megatron._C was built without CUDA; tensor is on ", logits.device());
