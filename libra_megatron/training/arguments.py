@@ -196,6 +196,8 @@ def _validate_data(args: argparse.Namespace, dataset_files: Any) -> None:
     _check(bool(args.data_path), "--data-path is required (dataset prefixes written by tools/preprocess_images.py), "
                                  "or pass --mock-data for synthetic samples")
     args.data_blend = _split_data_path(args.data_path)
+    if args.dry_run:  # planning on a machine without the corpus
+        return
     for _, prefix in args.data_blend:
         for path in dataset_files(prefix):
             _check(os.path.isfile(path), f"--data-path: file not found: {path} (from prefix '{prefix}')")
@@ -259,7 +261,7 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         _check(args.save is not None, "--save-interval needs --save")
     if args.keep_last_checkpoints is not None:
         _check(args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1")
-    if args.pretrained_checkpoint is not None:
+    if args.pretrained_checkpoint is not None and not args.dry_run:
         _check(os.path.isdir(args.pretrained_checkpoint),
                f"--pretrained-checkpoint: folder not found: {args.pretrained_checkpoint}")
     _check(args.log_interval >= 1, "--log-interval must be >= 1")

@@ -15,6 +15,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 
+# Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
+HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids"})
+
+
 class DataParallelSlices(torch.utils.data.Sampler):
     """Yields, per micro-batch, the global sample indices of one DP rank, starting at ``consumed_samples``."""
 
@@ -94,5 +98,6 @@ class MicroBatchStream:
         for batch in batches:
             stats.add(batch_stats(batch, self.vocab))
         if self.device is not None:
-            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+            batches = [{k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in b.items()}
+                       for b in batches]
         return batches, stats
