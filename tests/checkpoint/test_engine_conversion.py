@@ -176,3 +176,27 @@ def test_trained_tp2_pp2_model_exports_with_logit_parity(converted):
         error = float((got[finite] - want[finite]).abs().max())
         print(f"HF vs engine TP2xPP2 logits: max abs diff {error:.2e}, max |logit| {float(want[finite].abs().max()):.2f}")
         assert error <= 1e-5 * max(1.0, float(want[finite].abs().max()))
+
+
+def _meta_7b_export_shapes():
+    from libra_megatron.checkpoint.engine_checkpoint import (
+        converter_args, engine_config, engine_to_hf_tensors, hf_config_from_engine)
+    from libra_megatron.model.libra_model import LibraModel
+
+    config = engine_config(converter_args("libra-7b"))
+    with torch.device("meta"):
+        model = LibraModel(config, pre_process=True, post_process=True)
+    shapes = {k: list(v.shape) for k, v in engine_to_hf_tensors(model, config)}
+    shapes.update({k: list(v.shape) for k, v in constant_buffers(hf_config_from_engine(config)).items()})
+    return shapes
+
+
+def test_libra_7b_engine_export_has_exactly_the_released_keys_and_shapes():
+    """The engine's libra-7b model (meta device) mapped through the exporter gives the released 1,103 entries."""
+    from tests.hf_modeling.test_modeling_libra import _shapes_file
+
+    with open(_shapes_file()) as handle:
+        released = json.load(handle)
+    shapes = run_on_ranks(_meta_7b_export_shapes, world_size=1)[0]
+    assert set(shapes) == set(released), set(shapes) ^ set(released)
+    assert {k: v for k, v in shapes.items() if v != released[k]} == {}

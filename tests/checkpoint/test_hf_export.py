@@ -36,6 +36,17 @@ def test_shard_plan_respects_the_limit_and_keeps_order():
     assert sum(shards, []) == [k for k, _ in shapes]
 
 
+def test_7b_shard_plan_reproduces_the_released_shard_sizes():
+    """bf16, 5 GB limit, export order: 4.98 + 4.95 + 4.98 + 4.97 + 2.15 GB, as the released libra-11b (spec §5.1)."""
+    from libra_megatron.hf_modeling.configuration_libra import LibraConfig
+
+    key_shapes = hf_key_shapes(LibraConfig())
+    sizes = dict(key_shapes)
+    shards = plan_shards(key_shapes, torch.bfloat16)
+    assert [round(sum(2 * torch.Size(sizes[k]).numel() for k in shard) / 1e9, 2) for shard in shards] == \
+        [4.98, 4.95, 4.98, 4.97, 2.15]
+
+
 def test_export_folder_layout_and_remote_code_load_without_libra_megatron(tmp_path):
     model = tiny_model()
     tok = tmp_path / "tok"
