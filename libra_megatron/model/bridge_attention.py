@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.rotary import apply_rotary
+from libra_megatron.model import fusions
+from libra_megatron.model.fusions import elementwise
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
     block_diagonal_linear,
@@ -99,18 +100,13 @@ class LibraBridgeAttention(MegatronModule):
         v_v = F.linear(a_v, self.vision_v_b.weight).view(n_vision, heads, d)
         dk_v, dv_v = block_diagonal_linear(a_bridge, (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)).view(
             n_vision, 2, heads, d).unbind(1)
-
-        rotary = routing.rotary
-        q_t = apply_rotary(q_t, rotary.cos_text, rotary.sin_text)
-        q_v = apply_rotary(q_v, rotary.cos_vision, rotary.sin_vision)
-        plan = routing.full
-        keys_for_vision = apply_rotary(plan.merge(k_t + dk_t, k_v), rotary.cos.flatten(0, 1), rotary.sin.flatten(0, 1))
-        keys_for_text = apply_rotary(plan.merge(k_t, k_v + dk_v), rotary.cos.flatten(0, 1), rotary.sin.flatten(0, 1))
-        values_for_vision = plan.merge(v_t + dv_t, v_v)
-        values_for_text = plan.merge(v_t, v_v + dv_v)
+        # RoPE on every row once (it is linear, so R(k + Δk) = R(k) + R(Δk))
+        rope, rotary = elementwise(fusions.rope, self.config.compile_elementwise), routing.rotary
+        q_t, k_t, dk_t = (rope(t, rotary.cos_text, rotary.sin_text) for t in (q_t, k_t, dk_t))
+        q_v, k_v, dk_v = (rope(t, rotary.cos_vision, rotary.sin_vision) for t in (q_v, k_v, dk_v))
 
         core = self._segment_attention if routing.uniform else self._index_attention
-        args = (q_t, q_v, keys_for_text, values_for_text, keys_for_vision, values_for_vision)
+        args = (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v)
         if self.checkpoint_core:
             o_t, o_v = tensor_parallel.checkpoint(lambda *a: core(routing, *a), False, *args)
         else:
@@ -120,28 +116,45 @@ class LibraBridgeAttention(MegatronModule):
         out_v = expert_row(o_v, self.vision_proj_a.weight, self.vision_proj_b.weight)
         return out_t, out_v
 
-    # -- attention cores: (queries by modality, key/value sets in sequence order) -> outputs by modality --------
-    def _segment_attention(
-        self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_text: Tensor, v_text: Tensor, k_vision: Tensor,
-        v_vision: Tensor,
-    ) -> Tuple[Tensor, Tensor]:
+    # -- attention cores: rows by modality (queries, keys, values, bridge deltas) -> output rows by modality --------
+    def _segment_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
+                           v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
         b, heads, d = routing.batch, self.heads_per_rank, self.head_dim
+        plan, segments = routing.full, routing.time_segments
+        # key/value sets in sequence order, only as far as a run that starts after t=0 needs them: vision queries
+        # see text keys bridged, text queries see vision keys bridged
+        needed = {m: max([t1 * b for t0, t1, v in segments if v == m and t0 > 0], default=0) for m in (False, True)}
+        sets, used = {}, set()
+        if needed[True]:
+            used.update(map(id, (k_t, k_v, dk_t, v_t, v_v, dv_t)))
+            sets[True] = (plan.merge_bridged(k_t, k_v, text_delta=dk_t, rows=needed[True]),
+                          plan.merge_bridged(v_t, v_v, text_delta=dv_t, rows=needed[True]))
+        if needed[False]:
+            used.update(map(id, (k_t, k_v, dk_v, v_t, v_v, dv_v)))
+            sets[False] = (plan.merge_bridged(k_t, k_v, vision_delta=dk_v, rows=needed[False]),
+                           plan.merge_bridged(v_t, v_v, vision_delta=dv_v, rows=needed[False]))
+        queries, own = {False: q_t, True: q_v}, {False: (k_t, v_t), True: (k_v, v_v)}
         outputs: dict = {False: [], True: []}
         offsets = {False: 0, True: 0}
-        for t0, t1, is_vision in routing.time_segments:
+        for t0, t1, is_vision in segments:
             rows = (t1 - t0) * b
-            queries = q_v if is_vision else q_t
-            q = queries[offsets[is_vision]:offsets[is_vision] + rows].view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
+            start = offsets[is_vision]
             offsets[is_vision] += rows
-            keys, values = (k_vision, v_vision) if is_vision else (k_text, v_text)
-            k = keys[: t1 * b].view(t1, b, heads, d).permute(1, 2, 0, 3)
-            v = values[: t1 * b].view(t1, b, heads, d).permute(1, 2, 0, 3)
+            q = _rows_view(queries[is_vision], start, rows).view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
+            keys, values = own[is_vision] if t0 == 0 else sets[is_vision]  # the first run sees only its own rows
+            used.update(map(id, (queries[is_vision], keys, values)))
+            k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
+            v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
             if t0 == 0:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t1 - t0, t1))
             outputs[is_vision].append(o.permute(2, 0, 1, 3))  # [t, b, heads, d]
-        return self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
+        o_t, o_v = self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
+        # every parameter gets a gradient in every micro-batch (megatron DDP's overlapped grad reduce expects the
+        # same set each step), also when a layout leaves a projection unused, e.g. no image in the micro-batch
+        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if id(t) not in used]
+        return _KeepInGraph.apply(o_t, *unused) if unused else o_t, o_v
 
     def _rows(self, pieces: List[Tensor], like: Tensor) -> Tensor:
         width = self.heads_per_rank * self.head_dim
@@ -149,10 +162,8 @@ class LibraBridgeAttention(MegatronModule):
             return like.new_empty((0, width))
         return torch.cat(pieces).reshape(-1, width) if len(pieces) > 1 else pieces[0].reshape(-1, width)
 
-    def _index_attention(
-        self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_text: Tensor, v_text: Tensor, k_vision: Tensor,
-        v_vision: Tensor,
-    ) -> Tuple[Tensor, Tensor]:
+    def _index_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
+                         v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
         s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
         plan = routing.full
 
@@ -161,9 +172,29 @@ class LibraBridgeAttention(MegatronModule):
 
         q = bhsd(plan.merge(q_t, q_v))
         mask: Optional[Tensor] = routing.attention_mask
+        k_text, v_text = plan.merge_bridged(k_t, k_v, vision_delta=dk_v), plan.merge_bridged(v_t, v_v, vision_delta=dv_v)
+        k_vision, v_vision = plan.merge_bridged(k_t, k_v, text_delta=dk_t), plan.merge_bridged(v_t, v_v, text_delta=dv_t)
         o_text = F.scaled_dot_product_attention(q, bhsd(k_text), bhsd(v_text), attn_mask=mask, is_causal=mask is None)
         o_vision = F.scaled_dot_product_attention(q, bhsd(k_vision), bhsd(v_vision), attn_mask=mask, is_causal=mask is None)
         width = heads * d
         o_t, _ = plan.split(o_text.permute(2, 0, 1, 3).reshape(s * b, width))
         _, o_v = plan.split(o_vision.permute(2, 0, 1, 3).reshape(s * b, width))
         return o_t, o_v
+
+
+def _rows_view(x: Tensor, start: int, rows: int) -> Tensor:
+    """``x[start:start+rows]`` without an autograd slice when it is all of ``x``."""
+    return x if start == 0 and rows == x.shape[0] else x[start:start + rows]
+
+
+class _KeepInGraph(torch.autograd.Function):
+    """Identity on ``out`` that gives zero gradients to tensors the attention did not need this micro-batch."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, *unused: Tensor):  # type: ignore[override]
+        ctx.specs = [(u.shape, u.dtype, u.device) for u in unused]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])

@@ -15,7 +15,8 @@ from libra_megatron.model.routing import RowPlan
 
 @dataclass(eq=False)
 class RotaryTables:
-    """cos/sin in sequence order ``[s, b, 1, d]`` and split by modality ``[n_text|n_vision, 1, d]``."""
+    """cos and signed sin (``[-sin_1, sin_2]``, see fusions.rope) in sequence order ``[s, b, 1, d]`` and split by
+    modality ``[n_text|n_vision, 1, d]``."""
 
     cos: Tensor
     sin: Tensor
@@ -30,17 +31,9 @@ class RotaryTables:
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
         freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        half = head_dim // 2
+        sin = angles.sin()
+        cos, sin = angles.cos().to(dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype)
         cos_text, cos_vision = plan.split_constant(cos)
         sin_text, sin_vision = plan.split_constant(sin)
         return cls(cos, sin, cos_text, sin_text, cos_vision, sin_vision)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin``; cos/sin broadcast over heads."""
-    return x * cos + rotate_half(x) * sin

@@ -81,6 +81,44 @@ class _MergeAddBySegments(torch.autograd.Function):
         return grad, ctx.plan._cat_slices(grad, False), ctx.plan._cat_slices(grad, True), None
 
 
+class _MergeBridgedBySegments(torch.autograd.Function):
+    """The first ``rows`` rows of merge(text + text_delta, vision + vision_delta), written once (deltas optional)."""
+
+    @staticmethod
+    def forward(ctx, text, vision, text_delta, vision_delta, plan: "RowPlan", rows: int):  # type: ignore[override]
+        ctx.plan, ctx.rows = plan, rows
+        ctx.has_delta = (text_delta is not None, vision_delta is not None)
+        ctx.sizes = (text.shape[0], vision.shape[0])
+        out = text.new_empty((rows, *text.shape[1:]))
+        offsets = {False: 0, True: 0}
+        for start, end, is_vision in plan.segments:
+            if start >= rows:
+                break
+            part, delta = (vision, vision_delta) if is_vision else (text, text_delta)
+            lo, n = offsets[is_vision], end - start
+            if delta is None:
+                out[start:end].copy_(part[lo:lo + n])
+            else:
+                torch.add(part[lo:lo + n], delta[lo:lo + n], out=out[start:end])
+            offsets[is_vision] += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        plan, rows = ctx.plan, ctx.rows
+        grads = []
+        for is_vision in (False, True):
+            pieces = [grad[s:e] for s, e, v in plan.segments if v == is_vision and s < rows]
+            covered = sum(p.shape[0] for p in pieces)
+            missing = ctx.sizes[is_vision] - covered
+            if missing:
+                pieces.append(grad.new_zeros((missing, *grad.shape[1:])))
+            grads.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else grad.new_zeros((0, *grad.shape[1:])))
+        text_grad, vision_grad = grads
+        return (text_grad, vision_grad, text_grad if ctx.has_delta[0] else None,
+                vision_grad if ctx.has_delta[1] else None, None, None)
+
+
 class _SplitByIndex(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: "RowPlan"):  # type: ignore[override]
@@ -154,6 +192,21 @@ class RowPlan:
         else:
             out = rows + self.merge(text, vision)
         return out.view(residual.shape)
+
+    def merge_bridged(
+        self, text: Tensor, vision: Tensor, text_delta: Optional[Tensor] = None,
+        vision_delta: Optional[Tensor] = None, rows: Optional[int] = None,
+    ) -> Tensor:
+        """First ``rows`` rows (default all) of ``merge(text + text_delta, vision + vision_delta)``.
+
+        Segment plans write each row once; ``rows`` must end on a segment boundary.
+        """
+        rows = self.num_rows if rows is None else rows
+        if self.segments is not None:
+            return _MergeBridgedBySegments.apply(text, vision, text_delta, vision_delta, self, rows)
+        text = text if text_delta is None else text + text_delta
+        vision = vision if vision_delta is None else vision + vision_delta
+        return self.merge(text, vision)[:rows]
 
     def split_constant(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """:meth:`split` for tensors without autograd history (tables, labels)."""

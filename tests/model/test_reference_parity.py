@@ -59,7 +59,8 @@ def _engine_outputs(cases, text_vocab: int, recompute: bool = False) -> List[Dic
         loss.sum().backward()
         with torch.no_grad():
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        results.append(dict(loss=loss.detach(), logits=logits, uniform=routing.uniform, layer_calls=calls[0],
+        no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+        results.append(dict(loss=loss.detach(), logits=logits, uniform=routing.uniform, layer_calls=calls[0], no_grad=no_grad,
                             grads=merge_grads([local_grads(model, config)], config)))
     return results
 
@@ -88,6 +89,8 @@ def test_engine_matches_reference(engine_results, index: int) -> None:
     got = engine_results[index]
     expect_uniform = not (force or packed or layout == "mixed_offsets")
     assert got["uniform"] == expect_uniform, "wrong routing plan chosen"
+    # megatron DDP (overlapped grad reduce) needs the same parameters to get a gradient in every micro-batch
+    assert got["no_grad"] == [], f"parameters without a gradient for this layout: {got['no_grad']}"
     real = batch["attention_mask"][None, :, :, None].expand_as(ref_logits)
     assert max_relative_error(got["logits"], ref_logits, real) <= 1e-6
     per_position = got["loss"]
