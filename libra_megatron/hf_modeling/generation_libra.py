@@ -104,6 +104,7 @@ class _DecodeState:
         self.prompt_len = ids.shape[-1]
         self.use_cache = use_cache
         self.cache = None
+        self.checked = False  # the prompt is validated once by the model; generated ids are ours
 
     def scores(self) -> torch.Tensor:
         """Run the model on the positions not yet cached; return the last position's logits [C, N, V] in fp32."""
@@ -119,8 +120,9 @@ class _DecodeState:
         out = self.model(
             input_ids=self.ids[..., start:], vision_indices=self.vi[:, start:], attention_mask=self.mask,
             position_ids=positions[:, start:], past_key_values=self.cache, use_cache=self.use_cache,
-            contiguous_signal=signal, logits_to_keep=1,
+            contiguous_signal=signal, logits_to_keep=1, _ids_checked=self.checked and start >= self.prompt_len,
         )
+        self.checked = True
         if self.use_cache:
             self.cache = out.past_key_values
         return out.logits[:, :, -1, :].float()

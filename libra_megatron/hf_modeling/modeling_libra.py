@@ -235,11 +235,16 @@ class LibraAttention(nn.Module):
         if self.use_bridge:  # a query of modality a sees k_j + 1[m_j != a] * dk_j (dk from j's own bridge)
             dk = routing.apply(hidden, self.vision_k_bridge_on_language, self.vision_k_bridge_on_vision)
             dv = routing.apply(hidden, self.vision_v_bridge_on_language, self.vision_v_bridge_on_vision)
-            flag = routing.flag.unsqueeze(-1)
-            if need_text:
-                k_text, v_text = torch.where(flag, k + dk, k), torch.where(flag, v + dv, v)
-            if need_vision:
-                k_vision, v_vision = torch.where(flag, k, k + dk), torch.where(flag, v, v + dv)
+            if not routing.has_vision:  # text positions only (e.g. decoding text): no select needed
+                k_vision, v_vision = (k + dk, v + dv) if need_vision else (k, v)
+            elif not routing.has_text:
+                k_text, v_text = (k + dk, v + dv) if need_text else (k, v)
+            else:
+                flag = routing.flag.unsqueeze(-1)
+                if need_text:
+                    k_text, v_text = torch.where(flag, k + dk, k), torch.where(flag, v + dv, v)
+                if need_vision:
+                    k_vision, v_vision = torch.where(flag, k, k + dk), torch.where(flag, v, v + dv)
         q = _rope(q, cos, sin)
         k_text = _rope(self._heads(k_text), cos, sin)
         k_vision = k_text if k_vision is k else _rope(self._heads(k_vision), cos, sin)
@@ -408,10 +413,11 @@ class LibraModel(LibraPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, vision_flag: torch.Tensor, attention_mask=None, position_ids=None,
                 past_key_values: Optional[LibraCache] = None, use_cache: bool = False,
-                contiguous_signal=None, output_hidden_states: bool = False):
+                contiguous_signal=None, output_hidden_states: bool = False, validate: bool = True):
         """Return (last hidden state after the routed final norm, cache, all hidden states or None)."""
         cfg = self.config
-        _check_ids(input_ids, vision_flag, cfg)
+        if validate:
+            _check_ids(input_ids, vision_flag, cfg)
         b, l = vision_flag.shape
         cache = past_key_values
         if use_cache and cache is None:
@@ -551,7 +557,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         hidden, cache, all_hidden = self.model(
             input_ids, vision_flag, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, contiguous_signal=contiguous_signal,
-            output_hidden_states=bool(output_hidden_states),
+            output_hidden_states=bool(output_hidden_states), validate=not kwargs.pop("_ids_checked", False),
         )
         if logits_to_keep and labels is None:
             hidden, vision_flag = hidden[:, -logits_to_keep:], vision_flag[:, -logits_to_keep:]
