@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from libra_megatron.model.fusions import apply_rope, rope_reference  # noqa: E402  (the same RoPE kernel for both)
 
 
 class DenseLlamaLayer(torch.nn.Module):
@@ -42,16 +43,12 @@ class DenseLlamaLayer(torch.nn.Module):
         b, s, h = x.shape
         y = F.rms_norm(x, (h,), self.norm1, 1e-6)
         q, k, v = self.qkv(y).view(b, s, 3, self.heads, h // self.heads).unbind(2)
-        q, k = (_rope(t, cos, sin).transpose(1, 2) for t in (q, k))
+        q, k = (apply_rope(t.reshape(b * s, self.heads, -1), cos, sin).view(b, s, self.heads, -1).transpose(1, 2)
+                for t in (q, k))
         a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, h))
         gate, up = self.gate_up(F.rms_norm(x, (h,), self.norm2, 1e-6)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
-
-
-def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = t.shape[-1] // 2
-    return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
 
 
 def _timeit(step: Callable[[], None], warmup: int, iters: int, device: str) -> float:
@@ -89,7 +86,7 @@ def _init_megatron(device: str) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool, compiled: bool):
+def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool):
     from megatron.core.transformer.spec_utils import build_module
 
     from libra_megatron.checkpoint.hf_libra_names import is_trainable_in_stage
@@ -99,7 +96,7 @@ def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool, compi
     config = libra_config(
         "libra-7b", num_layers=1, hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=args.heads,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=device == "cpu",
-        force_general_routing=force_index, compile_elementwise=compiled,
+        force_general_routing=force_index,
     )
     layer = build_module(get_libra_layer_spec(), config=config, layer_number=1).to(device)
     with torch.no_grad():
@@ -132,8 +129,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak", type=float, default=989e12, help="dense bf16 peak for MFU (H100/H200 SXM: 989e12)")
     ap.add_argument("--profile", default="", help="write the top kernels of the Libra layer to this file ('-': stderr)")
-    ap.add_argument("--cases", default="dense_frozen,libra,libra_index,libra_compiled",
-                    help="libra_compiled fuses RoPE/SwiGLU with torch.compile (config.compile_elementwise)")
+    ap.add_argument("--cases", default="dense_frozen,libra,libra_index")
     args = ap.parse_args()
     args.hidden, args.ffn, args.heads = (256, 704, 4) if args.small else (4096, 11008, 32)
     if args.small:
@@ -154,7 +150,7 @@ def main() -> None:
         "dense_frozen": 4 * (n_text + n_vision) * p_dense + attention,
         "libra": 4 * n_text * p_dense + 6 * n_vision * p_expert + 6 * (n_text + n_vision) * p_bridge + attention,
     }
-    flops["libra_index"] = flops["libra_compiled"] = flops["libra"]
+    flops["libra_index"] = flops["libra"]
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     common = dict(device=device_name, dtype=str(dtype).replace("torch.", ""), b=b, s=s, h=h, ffn=f, image_tokens=578)
 
@@ -166,14 +162,15 @@ def main() -> None:
             grad = torch.randn_like(x)
             inv = 1.0 / (10000 ** (torch.arange(0, h // heads, 2, device=device).float() / (h // heads)))
             ang = torch.arange(s, device=device).float()[:, None] * inv
-            ang = torch.cat([ang, ang], -1)[None, :, None]
-            cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+            half = ang.shape[-1]
+            ang = torch.cat([ang, ang], -1)[None].expand(b, s, -1).reshape(b * s, 1, -1)  # row (b, t)
+            cos = ang.cos().to(dtype)
+            sin = torch.cat([-ang[..., :half].sin(), ang[..., half:].sin()], -1).to(dtype)
 
             def step():
                 layer(x, cos, sin).backward(grad)
         else:
-            layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index",
-                                         compiled=case == "libra_compiled")
+            layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index")
             vi, position_ids, ModalityRouting, RotaryTables = _batch(args, device, config)
             t0 = time.perf_counter()
             routing = ModalityRouting.build(vi, config.vocab, device=torch.device(device),

@@ -44,8 +44,6 @@ class LibraConfig(TransformerConfig):
     """Text vocab is padded to a multiple of this × TP for the vocab-parallel embedding and head."""
     validate_inputs: bool = True
     """Check ids, image spans and CLIP feature shapes once per micro-batch (one host sync); see docs/design.md."""
-    compile_elementwise: bool = False
-    """Fuse RoPE and SwiGLU with torch.compile on GPU (eager otherwise, and whenever compiling fails)."""
     force_general_routing: bool = False
     """Testing/benchmark knob: route with index tensors even when every sample has the same layout."""
 

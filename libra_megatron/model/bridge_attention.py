@@ -20,7 +20,7 @@ Fused attention, exact, each query computed once:
 Projections (see routed_linear.py for the TP plan): text q/k/v is megatron's fused ``linear_qkv`` (per-head
 interleaved ``[q_i; k_i; v_i]``), frozen in pretraining; the vision q/k/v experts share one fused A
 (``vision_qkv_a`` = q_A, k_A, v_A, k_bridge_on_vision_A, v_bridge_on_vision_A stacked on rows) followed by
-per-projection B's; the two bridge B's of a modality run as one block-diagonal GEMM.
+per-projection B's; the two bridge B's of a modality run as one batched GEMM.
 """
 from __future__ import annotations
 
@@ -34,11 +34,10 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model import fusions
-from libra_megatron.model.fusions import elementwise
+from libra_megatron.model.fusions import apply_rope
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
-    block_diagonal_linear,
+    bridge_deltas,
     column_parallel,
     expert_column_a,
     expert_row,
@@ -90,20 +89,20 @@ class LibraBridgeAttention(MegatronModule):
         # text projections and text-key bridge deltas
         q_t, k_t, v_t = text_column(text, self.linear_qkv.weight).view(n_text, heads, 3, d).unbind(2)
         bridge_t = expert_column_a(text, self.text_bridge_a.weight)
-        dk_t, dv_t = block_diagonal_linear(bridge_t, (self.text_bridge_k_b.weight, self.text_bridge_v_b.weight)).view(
-            n_text, 2, heads, d).unbind(1)
+        dk_t, dv_t = (t.view(n_text, heads, d) for t in
+                      bridge_deltas(bridge_t, self.text_bridge_k_b.weight, self.text_bridge_v_b.weight))
         # vision expert projections and vision-key bridge deltas
         a_q, a_k, a_v, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
             [self.rank, self.rank, self.rank, 2 * self.bridge_rank], dim=1)
         q_v = F.linear(a_q, self.vision_q_b.weight).view(n_vision, heads, d)
         k_v = F.linear(a_k, self.vision_k_b.weight).view(n_vision, heads, d)
         v_v = F.linear(a_v, self.vision_v_b.weight).view(n_vision, heads, d)
-        dk_v, dv_v = block_diagonal_linear(a_bridge, (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)).view(
-            n_vision, 2, heads, d).unbind(1)
+        dk_v, dv_v = (t.view(n_vision, heads, d) for t in
+                      bridge_deltas(a_bridge, self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight))
         # RoPE on every row once (it is linear, so R(k + Δk) = R(k) + R(Δk))
-        rope, rotary = elementwise(fusions.rope, self.config.compile_elementwise), routing.rotary
-        q_t, k_t, dk_t = (rope(t, rotary.cos_text, rotary.sin_text) for t in (q_t, k_t, dk_t))
-        q_v, k_v, dk_v = (rope(t, rotary.cos_vision, rotary.sin_vision) for t in (q_v, k_v, dk_v))
+        rotary = routing.rotary
+        q_t, k_t, dk_t = (apply_rope(t, rotary.cos_text, rotary.sin_text) for t in (q_t, k_t, dk_t))
+        q_v, k_v, dk_v = (apply_rope(t, rotary.cos_vision, rotary.sin_vision) for t in (q_v, k_v, dk_v))
 
         core = self._segment_attention if routing.uniform else self._index_attention
         args = (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v)

@@ -15,7 +15,7 @@ from libra_megatron.model.routing import RowPlan
 
 @dataclass(eq=False)
 class RotaryTables:
-    """cos and signed sin (``[-sin_1, sin_2]``, see fusions.rope) in sequence order ``[s, b, 1, d]`` and split by
+    """cos and signed sin (``[-sin_1, sin_2]``, see fusions.rope_reference) in sequence order ``[s, b, 1, d]`` and split by
     modality ``[n_text|n_vision, 1, d]``."""
 
     cos: Tensor

@@ -27,7 +27,7 @@ complete tensor.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,9 @@ def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Ten
     return F.linear(reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight_a_shard)), weight_b)
 
 
-def block_diagonal_linear(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
-    """``cat([x_0 @ W_0^T, x_1 @ W_1^T, ...])`` for x = cat(x_0, x_1, ...) in one GEMM (tiny bridge B's)."""
-    return F.linear(x, torch.block_diag(*weights))
+def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:
+    """The k and v bridge B's of one modality in one batched GEMM: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` →
+    ``(a_k B_k^T, a_v B_v^T)``, each a contiguous ``[n, out]`` (tiny GEMMs are launch-bound: one launch, not two)."""
+    n, rank = a.shape[0], weight_k.shape[1]
+    out = torch.bmm(a.view(n, 2, rank).transpose(0, 1), torch.stack([weight_k, weight_v]).transpose(1, 2))
+    return out[0], out[1]

@@ -1,0 +1,58 @@
+"""The layer's fused kernels against their PyTorch references: RoPE (Triton on GPU; skipped without CUDA) and the
+batched bridge GEMM."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from libra_megatron.model.fusions import apply_rope, rope_reference
+
+
+def _tables(n: int, d: int, dtype=torch.float32, device="cpu"):
+    angles = torch.rand(n, 1, d // 2, device=device) * 50
+    angles = torch.cat([angles, angles], dim=-1)
+    sin = angles.sin()
+    sin_signed = torch.cat([-sin[..., : d // 2], sin[..., d // 2:]], dim=-1)
+    return angles.cos().to(dtype), sin_signed.to(dtype), angles
+
+
+def test_reference_is_hf_rotate_half() -> None:
+    x = torch.randn(7, 3, 16)
+    cos, sin_signed, angles = _tables(7, 16)
+    half = 8
+    hf = x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * angles.sin()
+    torch.testing.assert_close(rope_reference(x, cos, sin_signed), hf, rtol=0, atol=1e-6)
+    assert torch.equal(apply_rope(x, cos, sin_signed), rope_reference(x, cos, sin_signed))  # CPU: the reference
+
+
+def test_bridge_deltas_equal_two_linears() -> None:
+    from libra_megatron.model.routed_linear import bridge_deltas
+
+    a, wk, wv = torch.randn(11, 16), torch.randn(40, 8), torch.randn(40, 8)
+    dk, dv = bridge_deltas(a, wk, wv)
+    torch.testing.assert_close(dk, a[:, :8] @ wk.t())
+    torch.testing.assert_close(dv, a[:, 8:] @ wv.t())
+    assert dk.is_contiguous() and dv.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton RoPE kernel needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,d", [(32, 128), (3, 16), (5, 96)])
+def test_triton_rope_matches_reference(dtype, heads: int, d: int) -> None:
+    n = 1031
+    fused = torch.randn(n, heads, 3, d, device="cuda", dtype=dtype)
+    x = fused[:, :, 1]  # a strided view, as the k of megatron's fused QKV
+    cos, sin_signed, _ = _tables(n, d, dtype, "cuda")
+    xr = x.detach().clone().requires_grad_(True)
+    xf = x.detach().clone().requires_grad_(True)
+    out_ref = rope_reference(xr.float(), cos.float(), sin_signed.float())
+    out = apply_rope(xf, cos, sin_signed)
+    assert out.is_contiguous() and out.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), out_ref, **tol)
+    grad = torch.randn(n, heads, d, device="cuda", dtype=dtype)
+    out_ref.backward(grad.float())
+    out.backward(grad)
+    torch.testing.assert_close(xf.grad.float(), xr.grad, **tol)
+    empty = apply_rope(x[:0], cos[:0], sin_signed[:0])
+    assert empty.shape == (0, heads, d)
