@@ -4,9 +4,10 @@
 // check that both produce identical arrays. Summary:
 //
 //   index_permutation(n, key)  -> int64[n]
-//       perm[i] = cycle-walked 6-round Feistel network on [0, 2^(2h)) (2^(2h) >= n, h >= 1), round
-//       function F_r(x) = mix64(x ^ k_r) & (2^h - 1), k_r = mix64(key + (r+1) * GOLDEN). A bijection of
-//       [0, n), computed independently per element (parallel, O(n), no sort).
+//       perm[i] = cycle-walked 4-round unbalanced Feistel network on [0, 2^b) (smallest b >= 1 with 2^b >= n;
+//       halves of floor(b/2) and ceil(b/2) bits whose widths swap every round), round function
+//       F_r(x) = mix64(x ^ k_r) masked to the other half's width, k_r = mix64(key + (r+1) * GOLDEN).
+//       A bijection of [0, n), computed independently per element (parallel, O(n), no sort).
 //
 //   pack_documents(lengths, capacity, max_open) -> (bin_offsets int64[B+1], bin_items int64[n])
 //       Documents are taken in input order. Each (length clipped to capacity) goes into the open bin with
@@ -22,7 +23,6 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <set>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -30,7 +30,7 @@
 namespace {
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr int kFeistelRounds = 6;
+constexpr int kFeistelRounds = 4;
 
 inline uint64_t mix64(uint64_t x) {
   // splitmix64 finaliser (a bijection on 64-bit words).
@@ -41,29 +41,34 @@ inline uint64_t mix64(uint64_t x) {
 }
 
 struct Feistel {
-  int half_bits;
-  uint64_t mask;
+  // Unbalanced Feistel network on [0, 2^bits): the state is (left, right) with widths that swap every round,
+  // so any bit count works and the domain is < 2n (at most ~2 encryptions per element when cycle-walking).
+  int bits;
+  int low_bits;  // width of the right half at the start
   uint64_t keys[kFeistelRounds];
 
   Feistel(int64_t n, uint64_t key) {
-    int bits = 0;
-    while (bits < 63 && (uint64_t{1} << bits) < static_cast<uint64_t>(n)) ++bits;  // 2^bits >= n
-    if (bits < 2) bits = 2;
-    if (bits % 2) ++bits;
-    half_bits = bits / 2;
-    mask = (uint64_t{1} << half_bits) - 1;
+    bits = 1;
+    while (bits < 62 && (uint64_t{1} << bits) < static_cast<uint64_t>(n)) ++bits;  // 2^bits >= n
+    low_bits = bits - bits / 2;
     for (int r = 0; r < kFeistelRounds; ++r) keys[r] = mix64(key + static_cast<uint64_t>(r + 1) * kGolden);
   }
 
   inline uint64_t encrypt(uint64_t x) const {
-    uint64_t left = x >> half_bits;
-    uint64_t right = x & mask;
+    int right_bits = low_bits;
+    int left_bits = bits - low_bits;
+    uint64_t left = x >> right_bits;
+    uint64_t right = x & ((uint64_t{1} << right_bits) - 1);
     for (int r = 0; r < kFeistelRounds; ++r) {
-      const uint64_t next = left ^ (mix64(right ^ keys[r]) & mask);
+      // (left, right) -> (right, left ^ F(right)): new left has right_bits, new right has left_bits
+      const uint64_t next = left ^ (mix64(right ^ keys[r]) & ((uint64_t{1} << left_bits) - 1));
       left = right;
       right = next;
+      const int swap = left_bits;
+      left_bits = right_bits;
+      right_bits = swap;
     }
-    return (left << half_bits) | right;
+    return (left << right_bits) | right;
   }
 };
 
@@ -92,52 +97,63 @@ at::Tensor index_permutation(int64_t n, uint64_t key) {
 template <typename length_t>
 std::tuple<at::Tensor, at::Tensor> pack_documents_impl(const length_t* lengths, int64_t n, int64_t capacity,
                                                         int64_t max_open) {
-  // Open bins keyed by (remaining space, opening sequence number): lower_bound(length) is the best fit.
-  std::set<std::pair<int64_t, int64_t>> by_space;
-  std::set<int64_t> open_order;                       // opening sequence numbers of open bins
-  std::vector<int64_t> remaining_of;                  // per opening sequence number
-  std::vector<std::vector<int64_t>> items_of;         // per opening sequence number (cleared on emit)
-  std::vector<int64_t> offsets{0};
-  std::vector<int64_t> items;
-  offsets.reserve(static_cast<size_t>(n) + 1);
-  items.reserve(static_cast<size_t>(n));
+  // Open bins in opening order (compact arrays of at most max_open entries): a linear best-fit scan over them
+  // is cheaper than any tree for the small windows used. Documents only record their bin; the CSR output is
+  // built at the end by a counting sort on the bins' emission ranks (no per-bin allocations).
+  std::vector<int64_t> open_remaining, open_bin;
+  open_remaining.reserve(static_cast<size_t>(max_open));
+  open_bin.reserve(static_cast<size_t>(max_open));
+  std::vector<int64_t> bin_of(static_cast<size_t>(n));
+  std::vector<int64_t> emit_rank;   // per bin (by opening number): its position in the output
+  std::vector<int64_t> bin_count;   // per bin: number of documents
+  int64_t emitted = 0;
 
-  auto emit = [&](int64_t seq) {
-    by_space.erase({remaining_of[seq], seq});
-    open_order.erase(seq);
-    auto& bin = items_of[seq];
-    items.insert(items.end(), bin.begin(), bin.end());
-    offsets.push_back(static_cast<int64_t>(items.size()));
-    std::vector<int64_t>().swap(bin);
+  auto emit = [&](size_t position) {
+    emit_rank[open_bin[position]] = emitted++;
+    open_remaining.erase(open_remaining.begin() + static_cast<std::ptrdiff_t>(position));
+    open_bin.erase(open_bin.begin() + static_cast<std::ptrdiff_t>(position));
   };
 
   for (int64_t doc = 0; doc < n; ++doc) {
     int64_t length = static_cast<int64_t>(lengths[doc]);
     TORCH_CHECK(length >= 0, "pack_documents: negative length ", length, " at document ", doc);
     if (length > capacity) length = capacity;
-    int64_t seq;
-    auto fit = by_space.lower_bound({length, INT64_MIN});
-    if (fit != by_space.end()) {
-      seq = fit->second;
-      by_space.erase(fit);
-    } else {
-      if (static_cast<int64_t>(open_order.size()) >= max_open) emit(*open_order.begin());
-      seq = static_cast<int64_t>(remaining_of.size());
-      remaining_of.push_back(capacity);
-      items_of.emplace_back();
-      open_order.insert(seq);
+    size_t best = open_remaining.size();
+    int64_t best_remaining = INT64_MAX;
+    for (size_t j = 0; j < open_remaining.size(); ++j) {
+      const int64_t remaining = open_remaining[j];
+      if (remaining >= length && remaining < best_remaining) {
+        best = j;
+        best_remaining = remaining;
+        if (remaining == length) break;  // an exact fit cannot be beaten (earliest opened wins ties)
+      }
     }
-    remaining_of[seq] -= length;
-    items_of[seq].push_back(doc);
-    by_space.insert({remaining_of[seq], seq});
-    if (remaining_of[seq] == 0) emit(seq);
+    if (best == open_remaining.size()) {
+      if (static_cast<int64_t>(open_remaining.size()) >= max_open) emit(0);
+      open_remaining.push_back(capacity);
+      open_bin.push_back(static_cast<int64_t>(emit_rank.size()));
+      emit_rank.push_back(-1);
+      bin_count.push_back(0);
+      best = open_remaining.size() - 1;
+    }
+    open_remaining[best] -= length;
+    bin_of[doc] = open_bin[best];
+    bin_count[open_bin[best]] += 1;
+    if (open_remaining[best] == 0) emit(best);
   }
-  while (!open_order.empty()) emit(*open_order.begin());
+  while (!open_remaining.empty()) emit(0);
 
-  auto offsets_t = at::empty({static_cast<int64_t>(offsets.size())}, at::TensorOptions().dtype(at::kLong));
-  auto items_t = at::empty({static_cast<int64_t>(items.size())}, at::TensorOptions().dtype(at::kLong));
-  std::copy(offsets.begin(), offsets.end(), offsets_t.data_ptr<int64_t>());
-  std::copy(items.begin(), items.end(), items_t.data_ptr<int64_t>());
+  const int64_t bins = static_cast<int64_t>(emit_rank.size());
+  auto offsets_t = at::empty({bins + 1}, at::TensorOptions().dtype(at::kLong));
+  auto items_t = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* offsets = offsets_t.data_ptr<int64_t>();
+  int64_t* items = items_t.data_ptr<int64_t>();
+  offsets[0] = 0;
+  std::vector<int64_t> bin_at_rank(static_cast<size_t>(bins));
+  for (int64_t b = 0; b < bins; ++b) bin_at_rank[emit_rank[b]] = b;
+  for (int64_t r = 0; r < bins; ++r) offsets[r + 1] = offsets[r] + bin_count[bin_at_rank[r]];
+  std::vector<int64_t> cursor(offsets, offsets + bins);
+  for (int64_t doc = 0; doc < n; ++doc) items[cursor[emit_rank[bin_of[doc]]]++] = doc;
   return {offsets_t, items_t};
 }
 

@@ -4,9 +4,9 @@ Every function here has one definition of its output, shared by the C++ kernel i
 and the reference beside it; ``tests/ops/test_index_helpers.py`` checks that both agree exactly. The
 dispatchers use the extension when it is built and fall back to the (vectorised where possible) reference.
 
-- :func:`index_permutation` — keyed pseudo-random permutation of ``[0, n)``: a 6-round Feistel network on the
-  smallest even-bit power-of-two domain >= n, cycle-walked back into range. ``perm[i]`` depends only on
-  ``(n, key, i)``, so it is parallel and needs no sort.
+- :func:`index_permutation` — keyed pseudo-random permutation of ``[0, n)``: a 4-round unbalanced Feistel
+  network on the smallest power-of-two domain >= n (half widths swap every round), cycle-walked back into
+  range. ``perm[i]`` depends only on ``(n, key, i)``, so it is parallel and needs no sort.
 - :func:`pack_documents` — best-fit packing of documents (in the given order) into bins of ``capacity``
   tokens, over a window of at most ``max_open`` open bins.
 - :func:`blending_indices` — megatron-core's greedy "largest error first" interleave of datasets by weight.
@@ -22,7 +22,7 @@ from libra_megatron.ops.extension import get_extension
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
-FEISTEL_ROUNDS = 6
+FEISTEL_ROUNDS = 4
 
 
 def mix64(x: int) -> int:
@@ -49,11 +49,10 @@ def _mix64_array(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _feistel_parameters(n: int, key: int) -> tuple[int, list[int]]:
-    bits = max(2, (n - 1).bit_length())
-    bits += bits % 2
+def _feistel_parameters(n: int, key: int) -> tuple[int, int, list[int]]:
+    bits = max(1, (n - 1).bit_length())
     keys = [mix64((key + (r + 1) * GOLDEN) & MASK64) for r in range(FEISTEL_ROUNDS)]
-    return bits // 2, keys
+    return bits, bits - bits // 2, keys
 
 
 def index_permutation_reference(n: int, key: int) -> np.ndarray:
@@ -62,16 +61,16 @@ def index_permutation_reference(n: int, key: int) -> np.ndarray:
         raise ValueError(f"n must be >= 0, got {n}")
     if n <= 1:
         return np.arange(n, dtype=np.int64)
-    half, keys = _feistel_parameters(n, key & MASK64)
-    mask = np.uint64((1 << half) - 1)
-    shift = np.uint64(half)
+    bits, low_bits, keys = _feistel_parameters(n, key & MASK64)
     round_keys = [np.uint64(k) for k in keys]
 
     def encrypt(x: np.ndarray) -> np.ndarray:
-        left, right = x >> shift, x & mask
-        for k in round_keys:
-            left, right = right, left ^ (_mix64_array(right ^ k) & mask)
-        return (left << shift) | right
+        right_bits, left_bits = low_bits, bits - low_bits
+        left, right = x >> np.uint64(right_bits), x & np.uint64((1 << right_bits) - 1)
+        for k in round_keys:  # (left, right) -> (right, left ^ F(right)); the half widths swap
+            left, right = right, left ^ (_mix64_array(right ^ k) & np.uint64((1 << left_bits) - 1))
+            left_bits, right_bits = right_bits, left_bits
+        return (left << np.uint64(right_bits)) | right
 
     out = encrypt(np.arange(n, dtype=np.uint64))
     pending = np.nonzero(out >= np.uint64(n))[0]
