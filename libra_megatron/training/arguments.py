@@ -74,9 +74,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calculate-per-token-loss", action="store_true",
                        help="normalise by the tokens of the whole global batch (default: mean of per-micro-batch "
                             "token means, as the Libra reference / HF Trainer does)")
+    group.add_argument("--image-loss-weight", type=float, default=1.0,
+                       help="weight of image-position losses in the optimised sum (1.0 = the reference; an "
+                            "ablation knob against the ~577:20 image:caption token imbalance, spec §9.2)")
     group.add_argument("--on-nan", default="skip", choices=["skip", "stop"],
                        help="what a non-finite loss does after it is reported: skip the update or stop the run")
     group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="stop (saving a checkpoint with --save) once the iteration is a multiple of this")
     group.add_argument("--exit-signal-handler", action="store_true",
                        help="on SIGTERM: finish the step, save a checkpoint and exit")
 

@@ -72,8 +72,8 @@ def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_feat
     return model(batch["tokens"][0], batch["position_ids"], None, labels=labels.clamp_min(0))
 
 
-def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor],
-                 vocab: Any) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: Any,
+                 image_loss_weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     mask = batch["labels"][0] != IGNORE_INDEX
     loss_sum = (output.float() * mask).sum()
     count = mask.sum().to(torch.int)

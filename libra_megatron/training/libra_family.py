@@ -73,11 +73,18 @@ def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_feat
                  clip_features=clip_features, segment_ids=batch.get("segment_ids"))
 
 
-def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor],
-                 vocab: Any) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: Any,
+                 image_loss_weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+    """``libra_loss_reduction`` (spec §3.1); with ``image_loss_weight != 1`` the optimised sum weighs image
+    positions by it (an ablation knob, spec §9.2; the report keeps the unweighted losses)."""
     from libra_megatron.model.output import libra_loss_reduction
 
-    return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab)
+    loss_sum, num_tokens, report = libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab)
+    if image_loss_weight != 1.0:
+        vision = (batch["vision_indices"] < vocab.text_vision_index).to(output.device)
+        weights = torch.where(vision, torch.full_like(output, image_loss_weight), torch.ones_like(output))
+        loss_sum = (output.float() * weights).sum()
+    return loss_sum, num_tokens, report
 
 
 def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str, int] | None) -> float:

@@ -35,7 +35,8 @@ class StepOutcome:
     stop_signal: bool
 
 
-def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable], vocab: Any) -> Callable:
+def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable], vocab: Any,
+                      image_loss_weight: float = 1.0) -> Callable:
     """The ``forward_step_func(data_iterator, model)`` the schedules call, returning ``(output, loss_func)``."""
 
     def forward_step(data_iterator: Any, model: torch.nn.Module):
@@ -46,13 +47,14 @@ def make_forward_step(family: ModelFamily, vision_encoder: Optional[Callable], v
             if pixels is not None and pixels.shape[0] > 0:
                 clip_features = vision_encoder(pixels)
         output = family.run_model(model, batch, clip_features)
-        return output, partial(_loss_func, family, batch, vocab)
+        return output, partial(_loss_func, family, batch, vocab, image_loss_weight)
 
     return forward_step
 
 
-def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], vocab: Any, output: torch.Tensor):
-    loss_sum, num_tokens, parts = family.reduce_loss(output, batch, vocab)
+def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], vocab: Any, image_loss_weight: float,
+               output: torch.Tensor):
+    loss_sum, num_tokens, parts = family.reduce_loss(output, batch, vocab, image_loss_weight)
     report = {key: value.detach().clone() for key, value in parts.items()}
     report["sample_ids"] = batch["sample_ids"]
     return loss_sum, num_tokens, report
@@ -148,7 +150,7 @@ class Trainer:
         self.stream = MicroBatchStream(dataset, total_samples, args, self.resume.consumed_samples,
                                        parallel_state.get_data_parallel_rank(),
                                        parallel_state.get_data_parallel_world_size(), self.vocab)
-        self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab)
+        self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
 
@@ -216,7 +218,7 @@ class Trainer:
                 if args.save and args.save_interval and iteration % args.save_interval == 0:
                     self.save(iteration, consumed)
                     last_saved = iteration
-                if outcome.stop_signal:
+                if outcome.stop_signal or (args.exit_interval and iteration % args.exit_interval == 0):
                     break
             if args.save and last_saved != iteration:
                 self.save(iteration, consumed)

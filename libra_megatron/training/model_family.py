@@ -83,7 +83,8 @@ class ModelFamily:
         set_trainable: ``(module, stage) -> None``: freezes what the stage does not train.
         run_model: ``(model, batch, clip_features) -> output`` (hidden states, or the per-position loss on the
             last stage).
-        reduce_loss: ``(output, batch, vocab) -> (loss_sum, num_tokens, {key: [sum, count]})`` for ``LOSS_KEYS``.
+        reduce_loss: ``(output, batch, vocab, image_loss_weight) -> (loss_sum, num_tokens, {key: [sum, count]})``
+            for ``LOSS_KEYS`` (the report unweighted).
         model_flops: ``(args, config, BatchStats) -> float``: model FLOPs of one training step on those tokens
             (forward + backward, frozen weights counted 4N, trainable 6N, frozen CLIP forward 2N).
         vocab: the ``LibraVocab`` of the batches the model reads.
@@ -98,7 +99,7 @@ class ModelFamily:
     provider: Callable[..., torch.nn.Module]
     set_trainable: Callable[[torch.nn.Module, str], None]
     run_model: Callable[..., torch.Tensor]
-    reduce_loss: Callable[[torch.Tensor, Dict[str, torch.Tensor], Any], Tuple[torch.Tensor, torch.Tensor, Dict]]
+    reduce_loss: Callable[..., Tuple[torch.Tensor, torch.Tensor, Dict]]
     model_flops: Callable[[argparse.Namespace, Any, BatchStats], float]
     vocab: Callable[[argparse.Namespace], Any]
     needs_vision: bool = False

@@ -9,6 +9,7 @@ tokenizer of tests and the CPU demo; it must be the tokenizer that produced the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from typing import Any, Dict
@@ -62,6 +63,32 @@ def clip_forward_flops(geometry: Dict[str, int], images: int) -> float:
     return images * (geometry["blocks"] * per_block + patch_embed)
 
 
+def tokenizer_weights_sha256(tokenizer: Any) -> str:
+    """The image tokenizer's identity digest, computed as ``libra_megatron/data/preprocess.py`` records it in a
+    dataset's sidecar (``image_tokenizer.weights_sha256``): sorted keys, dtype, raw bytes."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(tokenizer.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_tokenizer_matches_data(tokenizer: Any, args: argparse.Namespace) -> None:
+    """Refuse to train when ``--image-tokenizer`` is not the tokenizer that wrote the image codes of the data."""
+    if args.mock_data or not getattr(args, "data_blend", None):
+        return
+    from libra_megatron.data.sidecar import read_sidecar, sidecar_path
+
+    ours = tokenizer_weights_sha256(tokenizer)
+    for _, prefix in args.data_blend:
+        recorded = (read_sidecar(prefix).get("image_tokenizer") or {}).get("weights_sha256")
+        if recorded is not None and recorded != ours:
+            raise ValueError(
+                f"--image-tokenizer {args.image_tokenizer} (weights sha256 {ours[:12]}...) is not the tokenizer that "
+                f"preprocessed {prefix} ({sidecar_path(prefix)}: image_tokenizer.weights_sha256 = {recorded[:12]}...)")
+
+
 class FrozenClipFeatures:
     """``pixels uint8 [N, 3, H, W] -> clip_features [N, P, F]`` in the model's dtype, no grad."""
 
@@ -69,6 +96,7 @@ class FrozenClipFeatures:
         from libra_megatron.tokenizer.image_processing import normalize_pixels
 
         tokenizer = load_image_tokenizer(args.image_tokenizer)
+        check_tokenizer_matches_data(tokenizer, args)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
         self.encoder = tokenizer.encoder.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
