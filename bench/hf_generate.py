@@ -81,6 +81,7 @@ def checks(device: str) -> None:
 
 
 def timing(device: str, new_tokens: int) -> None:
+    """Libra-7B-shaped (11.0B) random bf16 model: prefill and greedy decode timing, batch 1 and 4."""
     config = LibraConfig()
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -116,6 +117,37 @@ def timing(device: str, new_tokens: int) -> None:
              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None)
 
 
+def llama_baseline(device: str, new_tokens: int) -> None:
+    """transformers' LlamaForCausalLM with LLaMA-2-7B shapes (random, bf16), same prompt length, same decode length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(default)
+    for batch in (1, 4):
+        ids = torch.randint(3, 32000, (batch, 601), device=device)
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(ids, logits_to_keep=1)
+        sync(device)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync(device)
+        decode = max(time.perf_counter() - t0 - prefill, 1e-9)
+        emit(stage="generate", model="transformers LlamaForCausalLM 7B random bf16 (baseline)", batch=batch,
+             prompt_tokens=601, new_tokens=int(out.shape[-1] - 601), prefill_ms=round(prefill * 1e3, 1),
+             decode_ms_per_token=round(decode * 1e3 / (new_tokens - 1), 2),
+             decode_tokens_per_s=round(batch * (new_tokens - 1) / decode, 1))
+    del model
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -126,6 +158,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-large", action="store_true", help="only the tiny correctness checks")
+    parser.add_argument("--baseline-llama", action="store_true", help="also time transformers' LLaMA-2-7B shapes")
     args = parser.parse_args()
     import transformers
 
@@ -134,6 +167,8 @@ def main() -> int:
     checks(args.device)
     if not args.skip_large:
         timing(args.device, args.new_tokens)
+        if args.baseline_llama:
+            llama_baseline(args.device, args.new_tokens)
     return 0
 
 
