@@ -107,6 +107,12 @@ def check_llama_matches(llama: Dict[str, object], libra: LibraConfig, source: st
         raise CheckpointError(f"{source}: num_key_value_heads={llama.get('num_key_value_heads')} (GQA); Libra is MHA")
     if llama.get("tie_word_embeddings", False):
         raise CheckpointError(f"{source}: tie_word_embeddings=true; Libra has an untied lm_head")
+    eps = llama.get("rms_norm_eps")
+    if eps is not None and abs(float(eps) - libra.rms_norm_eps) > 1e-12:
+        import warnings
+
+        warnings.warn(f"{source}: rms_norm_eps={eps} but the Libra model uses {libra.rms_norm_eps} (the released Libra "
+                      "config has 1e-6, from the first LLaMA-2 HF configs); the weights convert unchanged")
 
 
 def _key_seed(seed: int, key: str) -> int:
