@@ -346,6 +346,8 @@ def libra_generate(model, input_ids: torch.Tensor, generation_config=None, atten
     if opts["do_sample"] and opts["temperature"] <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {opts['temperature']}")
     use_cache = bool(_option("use_cache", kwargs, None, True))
+    if contiguous_signal is not None:
+        contiguous_signal = contiguous_signal.to(ids.device)
     state = _DecodeState(model, ids.clone(), vision_indices.to(ids.device).long(), mask.to(ids.device).long(),
                          contiguous_signal, use_cache)
     scores: Sequence[torch.Tensor] = ()
