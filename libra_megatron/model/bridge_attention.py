@@ -99,10 +99,10 @@ class LibraBridgeAttention(MegatronModule):
         v_v = F.linear(a_v, self.vision_v_b.weight).view(n_vision, heads, d)
         dk_v, dv_v = (t.view(n_vision, heads, d) for t in
                       bridge_deltas(a_bridge, self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight))
-        # RoPE on every row once (it is linear, so R(k + Δk) = R(k) + R(Δk))
+        # RoPE on the queries here; on the two key sets once they are assembled (RoPE is linear: R(k+Δk) = Rk + RΔk)
         rotary = routing.rotary
-        q_t, k_t, dk_t = (apply_rope(t, rotary.cos_text, rotary.sin_text) for t in (q_t, k_t, dk_t))
-        q_v, k_v, dk_v = (apply_rope(t, rotary.cos_vision, rotary.sin_vision) for t in (q_v, k_v, dk_v))
+        q_t = apply_rope(q_t, rotary.cos_text, rotary.sin_text)
+        q_v = apply_rope(q_v, rotary.cos_vision, rotary.sin_vision)
 
         core = self._segment_attention if routing.uniform else self._index_attention
         args = (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v)
@@ -119,20 +119,18 @@ class LibraBridgeAttention(MegatronModule):
     def _segment_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
                            v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
         b, heads, d = routing.batch, self.heads_per_rank, self.head_dim
-        plan, segments = routing.full, routing.time_segments
-        # key/value sets in sequence order, only as far as a run that starts after t=0 needs them: vision queries
-        # see text keys bridged, text queries see vision keys bridged
-        needed = {m: max([t1 * b for t0, t1, v in segments if v == m and t0 > 0], default=0) for m in (False, True)}
-        sets, used = {}, set()
-        if needed[True]:
-            used.update(map(id, (k_t, k_v, dk_t, v_t, v_v, dv_t)))
-            sets[True] = (plan.merge_bridged(k_t, k_v, text_delta=dk_t, rows=needed[True]),
-                          plan.merge_bridged(v_t, v_v, text_delta=dv_t, rows=needed[True]))
-        if needed[False]:
-            used.update(map(id, (k_t, k_v, dk_v, v_t, v_v, dv_v)))
-            sets[False] = (plan.merge_bridged(k_t, k_v, vision_delta=dk_v, rows=needed[False]),
-                           plan.merge_bridged(v_t, v_v, vision_delta=dv_v, rows=needed[False]))
-        queries, own = {False: q_t, True: q_v}, {False: (k_t, v_t), True: (k_v, v_v)}
+        segments = routing.time_segments
+        # key/value sets in sequence order, only as far as the last run of their query modality reaches: vision
+        # queries see text keys bridged, text queries see vision keys bridged
+        needed = {m: max([t1 * b for _, t1, v in segments if v == m], default=0) for m in (False, True)}
+        sets, used = {}, {id(q_t): needed[False] > 0, id(q_v): needed[True] > 0}
+        for is_vision in (False, True):
+            if needed[is_vision]:
+                deltas = dict(vision_delta=(dk_v, dv_v)) if not is_vision else dict(text_delta=(dk_t, dv_t))
+                sets[is_vision] = self._key_value_set(routing, k_t, k_v, v_t, v_v, needed[is_vision], **deltas)
+                for t in (k_t, k_v, v_t, v_v, *next(iter(deltas.values()))):
+                    used[id(t)] = True
+        queries = {False: q_t, True: q_v}
         outputs: dict = {False: [], True: []}
         offsets = {False: 0, True: 0}
         for t0, t1, is_vision in segments:
@@ -140,8 +138,7 @@ class LibraBridgeAttention(MegatronModule):
             start = offsets[is_vision]
             offsets[is_vision] += rows
             q = _rows_view(queries[is_vision], start, rows).view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
-            keys, values = own[is_vision] if t0 == 0 else sets[is_vision]  # the first run sees only its own rows
-            used.update(map(id, (queries[is_vision], keys, values)))
+            keys, values = sets[is_vision]
             k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
             v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
             if t0 == 0:
@@ -152,8 +149,19 @@ class LibraBridgeAttention(MegatronModule):
         o_t, o_v = self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
         # every parameter gets a gradient in every micro-batch (megatron DDP's overlapped grad reduce expects the
         # same set each step), also when a layout leaves a projection unused, e.g. no image in the micro-batch
-        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if id(t) not in used]
+        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if not used.get(id(t), False)]
         return _KeepInGraph.apply(o_t, *unused) if unused else o_t, o_v
+
+    def _key_value_set(self, routing: ModalityRouting, k_t: Tensor, k_v: Tensor, v_t: Tensor, v_v: Tensor,
+                       rows: int, text_delta=None, vision_delta=None) -> Tuple[Tensor, Tensor]:
+        """First ``rows`` rows of (R(k + bridge Δk on one modality), v + bridge Δv on the same modality)."""
+        plan, rotary = routing.full, routing.rotary
+        dk_t, dv_t = text_delta if text_delta is not None else (None, None)
+        dk_v, dv_v = vision_delta if vision_delta is not None else (None, None)
+        keys = plan.merge_bridged(k_t, k_v, text_delta=dk_t, vision_delta=dk_v, rows=rows)
+        keys = apply_rope(keys, rotary.cos.flatten(0, 1)[:rows], rotary.sin.flatten(0, 1)[:rows])
+        values = plan.merge_bridged(v_t, v_v, text_delta=dv_t, vision_delta=dv_v, rows=rows)
+        return keys, values
 
     def _rows(self, pieces: List[Tensor], like: Tensor) -> Tensor:
         width = self.heads_per_rank * self.head_dim
@@ -164,15 +172,15 @@ class LibraBridgeAttention(MegatronModule):
     def _index_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
                          v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
         s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
-        plan = routing.full
+        plan, rows = routing.full, routing.full.num_rows
 
         def bhsd(x: Tensor) -> Tensor:
             return x.view(s, b, heads, d).permute(1, 2, 0, 3)
 
         q = bhsd(plan.merge(q_t, q_v))
         mask: Optional[Tensor] = routing.attention_mask
-        k_text, v_text = plan.merge_bridged(k_t, k_v, vision_delta=dk_v), plan.merge_bridged(v_t, v_v, vision_delta=dv_v)
-        k_vision, v_vision = plan.merge_bridged(k_t, k_v, text_delta=dk_t), plan.merge_bridged(v_t, v_v, text_delta=dv_t)
+        k_text, v_text = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, vision_delta=(dk_v, dv_v))
+        k_vision, v_vision = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, text_delta=(dk_t, dv_t))
         o_text = F.scaled_dot_product_attention(q, bhsd(k_text), bhsd(v_text), attn_mask=mask, is_causal=mask is None)
         o_vision = F.scaled_dot_product_attention(q, bhsd(k_vision), bhsd(v_vision), attn_mask=mask, is_causal=mask is None)
         width = heads * d
