@@ -142,10 +142,17 @@ class ImageTokenizer(nn.Module):
     def code_logits(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Features ``[N, P, F]`` -> ``(F @ W^T in float32 [N, P, C*D], bias b)``; ``u = logits + b`` (fused path)."""
         weight, bias = self.fused_projection()
-        chunks = [
-            torch.matmul(features[i : i + _ENCODE_CHUNK].float(), weight.t())
-            for i in range(0, features.size(0), _ENCODE_CHUNK)
-        ]
+        # Full float32 products even where a training script allowed TF32 (its 10-bit mantissa would flip many
+        # more near-zero signs); the GEMM is 18 columns wide, so precision costs nothing here.
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            chunks = [
+                torch.matmul(features[i : i + _ENCODE_CHUNK].float(), weight.t())
+                for i in range(0, features.size(0), _ENCODE_CHUNK)
+            ]
+        finally:
+            torch.set_float32_matmul_precision(precision)
         logits = torch.cat(chunks) if chunks else features.new_zeros((0, features.size(1), weight.size(0)), dtype=torch.float32)
         return logits, bias
 

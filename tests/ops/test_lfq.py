@@ -106,6 +106,19 @@ def test_image_layout_offset_and_special_tokens(ext, device, images):
     assert torch.equal(spans.cpu(), LIBRA_VOCAB.image_span(plain.cpu()))
 
 
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_views_and_partial_blocks(ext, device, dtype):
+    """Views starting off a 16-byte boundary and row counts that leave a partial last block (CUDA staging paths)."""
+    big = _logits((1 + 257 * 3, 18), dtype, 21).to(device)
+    for rows in (1, 255, 257, 3 * 257):
+        x = big[1 : 1 + rows].view(1, rows, 18)  # starts 1 row (18 elements) into the storage
+        expected = lfq.lfq_image_ids_reference(x.cpu(), 2, None, 5, 1, 2)
+        assert torch.equal(lfq.lfq_image_ids(x, 2, None, 5, 1, 2).cpu(), expected), rows
+        x2 = big[1 : 1 + rows].view(rows, 1, 18)
+        assert torch.equal(lfq.lfq_image_ids(x2, 2).cpu(), lfq.lfq_image_ids_reference(x2.cpu(), 2)), rows
+
+
 def test_image_ids_with_other_vocabularies_and_shapes(ext):
     vocab = LibraVocab(text_vocab_size=128, codebook_size=8, image_resolution=3)
     x = _logits((5, 9, 6), torch.bfloat16, 3)

@@ -100,6 +100,16 @@ def test_kernel_path_equals_reference_packing(tokenizer, pixels, encoded, monkey
     assert torch.equal(encoded[0], lfq_ops.lfq_codes_reference(logits, 2, bias).permute(2, 0, 1))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_encode_matches_reference_packing_and_cpu(tokenizer, pixels, encoded):
+    model = ImageTokenizer.tiny(seed=0).cuda()
+    codes, features = model.encode(pixels.cuda())
+    logits, bias = model.code_logits(features)
+    assert torch.equal(codes, lfq_ops.lfq_codes_reference(logits, 2, bias).permute(2, 0, 1))
+    torch.testing.assert_close(features.cpu(), encoded[1], rtol=1e-3, atol=1e-3)
+    assert (codes.cpu() == encoded[0]).float().mean() > 0.99  # GPU vs CPU rounding may flip near-zero logits
+
+
 def test_encode_tokens_is_the_vocab_span(tokenizer, pixels, encoded):
     spans, features = tokenizer.encode_tokens(pixels)
     assert torch.equal(spans, LIBRA_VOCAB.image_span(encoded[0]))
