@@ -109,6 +109,8 @@ class ClipFeatureEncoder(nn.Module):
                 f"pixel_values must be [N, {self.config.num_channels}, {size}, {size}], got {tuple(pixel_values.shape)}"
             )
         model = self.vision_tower
+        if pixel_values.size(0) == 0:
+            return pixel_values.new_zeros((0, self.num_patches, self.feature_size), dtype=model.dtype)
         hidden = model.pre_layrnorm(model.embeddings(pixel_values))
         wanted = set(self.select_layers)
         states: Dict[int, torch.Tensor] = {0: hidden} if 0 in wanted else {}

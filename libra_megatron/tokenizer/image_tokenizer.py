@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -85,8 +85,7 @@ class ImageTokenizer(nn.Module):
         config = config or ImageTokenizerConfig()
         self.encoder = ClipFeatureEncoder(config.clip, config.select_layers)
         # Store the depth actually built (blocks past max(select_layers) are never computed nor stored).
-        config.clip = dict(config.clip, num_hidden_layers=self.encoder.config.num_hidden_layers)
-        self.config = config
+        self.config = config = replace(config, clip=dict(config.clip, num_hidden_layers=self.encoder.config.num_hidden_layers))
         decoder_config = DecoderConfig.from_dict(config.decoder)
         self.quant_conv = nn.Conv2d(self.encoder.feature_size, config.embed_dim, 1)
         self.quantize = LFQ(config.embed_dim, config.codebook_size, config.num_codebooks)
@@ -194,7 +193,7 @@ class ImageTokenizer(nn.Module):
         if c != self.num_codebooks or p != self.num_patches:
             raise ValueError(f"codes must be [{self.num_codebooks}, N, {self.num_patches}], got {tuple(codes.shape)}")
         latents = self.quantize.indices_to_codes(codes.permute(1, 2, 0))  # [N, P, E]
-        return latents.view(n, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return latents.view(n, self.grid, self.grid, latents.size(-1)).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -222,7 +221,7 @@ class ImageTokenizer(nn.Module):
         weight = self.quant_conv.weight.flatten(1)
         z = nn.functional.linear(features.to(weight.dtype), weight, self.quant_conv.bias)  # 1x1 conv per patch
         quantized, indices, aux_loss, breakdown = self.quantize(z)
-        latents = quantized.view(n, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        latents = quantized.view(n, self.grid, self.grid, quantized.size(-1)).permute(0, 3, 1, 2)
         reconstruction = self.decoder(self.post_quant_conv(latents))
         return reconstruction, aux_loss, breakdown, indices.permute(2, 0, 1)
 

@@ -116,6 +116,13 @@ def test_encode_tokens_is_the_vocab_span(tokenizer, pixels, encoded):
     assert torch.equal(features, encoded[1])
 
 
+def test_empty_batches(tokenizer):
+    codes, features = tokenizer.encode(torch.zeros(0, 3, 336, 336))
+    assert codes.shape == (2, 0, 576) and features.shape == (0, 576, 128)
+    assert tokenizer.encode_tokens(torch.zeros(0, 3, 336, 336))[0].shape == (2, 0, 578)
+    assert tokenizer.decode(codes).shape == (0, 3, 336, 336)
+
+
 def test_decode_shape_range_and_tokens(tokenizer, encoded):
     codes = encoded[0][:, :1]
     images = tokenizer.decode(codes)
