@@ -76,3 +76,55 @@ def test_loss_and_gradients_match_single_process(single_process, name: str) -> N
                 assert got[key].abs().max() == 0, f"group {group}: {key} should have no gradient"
             else:
                 assert max_relative_error(got[key], expected) <= 1e-5, f"group {group}: {key}"
+
+
+def _interleaved(num_layers: int):
+    """PP=2 × virtual pipeline 2 (interleaved 1F1B, one layer per chunk) or the single-process reference."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from libra_megatron.model import LibraModel, libra_loss_reduction
+    from tests.model.helpers import hf_weights, load_hf, local_grads, make_batch, model_inputs, tiny_config, tiny_sizes
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    extra = dict(virtual_pipeline_model_parallel_size=vpp, batch_p2p_comm=False) if vpp else {}
+    config = tiny_config(TEXT_VOCAB, num_layers=num_layers, calculate_per_token_loss=True,
+                         pipeline_dtype=torch.float32, **extra)
+    sizes = dict(tiny_sizes(TEXT_VOCAB), layers=num_layers)
+    chunks = []
+    for stage in range(vpp or 1):
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = LibraModel(config, pre_process=first, post_process=last, vp_stage=stage if vpp else None)
+        load_hf(chunk, hf_weights(sizes), config)
+        chunks.append(chunk)
+    batches = [make_batch(layout, T=TEXT_VOCAB) for layout in ("image_mid", "mixed_offsets")]
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        return chunk(**model_inputs(batch)), lambda out: libra_loss_reduction(
+            out, batch["labels"], batch["vision_indices"], config.vocab)
+
+    B, L = batches[0]["vision_indices"].shape
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=[iter(batches) for _ in chunks], model=chunks,
+        num_microbatches=len(batches), seq_length=L, micro_batch_size=B, forward_only=False,
+    )
+    grads = {}
+    for chunk in chunks:
+        grads.update(local_grads(chunk, config))
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    return {"losses": [float(r["lm loss"][0]) for r in reports] if last else None, "grads": grads, "config": config}
+
+
+def test_interleaved_virtual_pipeline_matches_single_process() -> None:
+    (ref,) = run_on_ranks(_interleaved, world_size=1, args=(4,))
+    results = run_on_ranks(_interleaved, world_size=2, pp=2, vpp=2, args=(4,))
+    losses = next(r["losses"] for r in results if r["losses"] is not None)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    got = merge_grads([r["grads"] for r in results], ref["config"])
+    expected = merge_grads([ref["grads"]], ref["config"])
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if value.abs().max() > 0:
+            assert max_relative_error(got[key], value) <= 1e-5, key
