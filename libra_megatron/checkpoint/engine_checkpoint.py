@@ -5,7 +5,8 @@
   lazy HF-key-space source through the model's name map (``hf_libra_names``: ``hf_to_engine`` then ``split_tp``),
   and saves with the trainer's own ``save_checkpoint`` (``<root>/iter_0000000`` + ``latest_checkpointed_iteration.txt``,
   atomic). A rank holds only its shard plus one global tensor at a time. The trainer starts from it with
-  ``--pretrained-checkpoint <root>`` (or ``--load <root> --finetune``): weights only, fresh optimizer.
+  ``--pretrained-checkpoint <root>``, ``--load <root> --finetune`` or a plain ``--load <root>`` (iteration 0, no
+  optimizer state: a fresh optimizer).
 * **Reading** (engine -> HF): one process loads the checkpoint (saved at any layout; dist_checkpointing reshards)
   into a TP=1, PP=1 model with the trainer's ``load_checkpoint(weights_only=True)`` and yields HF tensors
   parameter by parameter (one model copy in memory; the HF writer holds at most a shard more).
@@ -144,18 +145,20 @@ def fill_from_hf(chunks: Sequence[torch.nn.Module], config, source: HFSource,
     return count
 
 
-class _NoSchedule:
-    """A converted checkpoint has no LR schedule; the trainer loads it weights-only."""
+class _StartOfSchedule:
+    """The LR-schedule state of step 0 (megatron's ``OptimizerParamScheduler`` keys). The trainer overrides the
+    values with its own flags (``override_opt_param_scheduler``), so a plain ``--load`` starts at step 0."""
 
     def state_dict(self) -> Dict:
-        return {}
+        return {"max_lr": 0.0, "min_lr": 0.0, "lr_warmup_steps": 0, "lr_decay_steps": 1, "lr_decay_style": "constant",
+                "num_steps": 0}
 
 
 def save_converted(root: str, chunks: Sequence[torch.nn.Module], args: argparse.Namespace) -> str:
     """Save as the trainer does (iteration 0, no optimizer); returns the ``iter_0000000`` folder."""
     from libra_megatron.training.checkpointing import save_checkpoint
 
-    return save_checkpoint(root, 0, 0, list(chunks), None, _NoSchedule(), args)
+    return save_checkpoint(root, 0, 0, list(chunks), None, _StartOfSchedule(), args)
 
 
 def convert_on_this_rank(root: str, args: argparse.Namespace, make_source: Callable[[], HFSource],
