@@ -12,7 +12,7 @@
         --model libra-7b --target-tp 2 --target-pp 4 --bf16
 
 Engine checkpoints are written exactly as the trainer writes them (``<output>/iter_0000000`` + marker); start from
-one with ``--pretrained-checkpoint <output>`` (or ``--load <output> --finetune``) and the same ``--model`` /
+one with ``--pretrained-checkpoint <output>`` (or ``--load <output>``, iteration 0, fresh optimizer) and the same ``--model`` /
 ``--num-layers`` / ``--bf16``. The target layout is built for real (one process per TP x PP rank, each holding only
 its shard); dist checkpoints reshard, so the trainer may also load them at another layout. Every key and shape is
 checked before anything is written; outputs appear atomically.
