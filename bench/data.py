@@ -2,7 +2,8 @@
 
     python bench/data.py                          # 50M-sample index builds, reads, preprocessing on CPU
     python bench/data.py --samples 5000000 --skip-preprocess
-    python bench/data.py --device cuda --only preprocess   # GPU image tokenisation
+    python bench/data.py --device cuda --only preprocess --full-size-tokenizer --images 512 --workers 12 \
+        --batch-size 128                          # GPU image tokenisation at the real ViT-L size
 
 Sections:
 - ``index``: at ``--samples`` synthetic documents (instruct-like lengths, 60-2048 tokens): the shuffle
@@ -165,9 +166,16 @@ def bench_read(count: int, reads: int, workdir: str) -> None:
     emit("read", "random_pieces_only", reads=len(order), samples_per_s=round(len(order) / seconds, 1))
 
 
-def bench_preprocess(images: int, workers: int, device: str, workdir: str) -> None:
+def bench_preprocess(images: int, workers: int, device: str, workdir: str, batch_size: int, full_size: bool) -> None:
     from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
     from libra_megatron.data.sentencepiece_training import train_sentencepiece
+
+    tokenizer_dir = None
+    if full_size:  # random weights with the real geometry (CLIP ViT-L/14-336 to block 22): realistic cost
+        from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+
+        tokenizer_dir = os.path.join(workdir, "vision_tokenizer")
+        ImageTokenizer().save_pretrained(tokenizer_dir)
 
     folder = os.path.join(workdir, "raw")
     os.makedirs(folder, exist_ok=True)
@@ -180,11 +188,13 @@ def bench_preprocess(images: int, workers: int, device: str, workdir: str) -> No
         prefix = os.path.join(workdir, f"pre{w}")
         config = PreprocessConfig(input_format="image-folder", inputs=[os.path.join(workdir, "captions.jsonl")],
                                   image_root=folder, output_prefix=prefix, tokenizer_model=model,
-                                  tiny_image_tokenizer_seed=0, workers=w, batch_size=32, device=device,
-                                  chunk_size=max(images // 2, 1), progress=False)
+                                  tiny_image_tokenizer_seed=None if full_size else 0, image_tokenizer=tokenizer_dir,
+                                  workers=w, batch_size=batch_size, device=device, chunk_size=max(images // 2, 1),
+                                  progress=False)
         summary = run_preprocessing(config)
-        emit("preprocess", f"tiny_clip.workers{w}", device=device, images=summary["images"],
-             images_per_s=summary["images_per_s"], seconds=summary["seconds"])
+        emit("preprocess", f"{'vit_l_336' if full_size else 'tiny_clip'}.workers{w}", device=device,
+             images=summary["images"], images_per_s=summary["images_per_s"], seconds=summary["processing_seconds"],
+             batch_size=batch_size)
 
 
 def main() -> None:
@@ -196,6 +206,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per image-tokenizer call (preprocess)")
+    parser.add_argument("--full-size-tokenizer", action="store_true",
+                        help="preprocess with a random full-size (ViT-L/14-336) tokenizer instead of the tiny one")
     parser.add_argument("--only", choices=("index", "read", "preprocess"), default=None)
     parser.add_argument("--skip-preprocess", action="store_true")
     args = parser.parse_args()
@@ -214,7 +227,7 @@ def main() -> None:
         if args.only in (None, "read"):
             bench_read(args.read_samples, args.reads, workdir)
         if args.only == "preprocess" or (args.only is None and not args.skip_preprocess):
-            bench_preprocess(args.images, args.workers, args.device, workdir)
+            bench_preprocess(args.images, args.workers, args.device, workdir, args.batch_size, args.full_size_tokenizer)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for r in RESULTS:

@@ -15,6 +15,10 @@
 //       opens; when max_open bins are open, the earliest opened is emitted first. A bin that becomes
 //       exactly full is emitted at once; at the end the open bins are emitted in opening order.
 //
+//   pack_epoch(lengths, order, capacity, max_open, bin_key) -> (bin_offsets, bin_docs)
+//       pack_documents over lengths[order] (documents visited in `order`), items mapped to document ids
+//       order[item], rows reordered so that row q is the bin emitted at rank index_permutation(bins, bin_key)[q].
+//
 //   blending_indices(weights, size) -> (dataset_index int16[size], dataset_sample_index int64[size])
 //       Greedy "largest error first": sample i goes to argmax_d (w_d * max(i, 1) - taken_d) (first on ties).
 //       Same semantics as megatron-core's helpers.build_blending_indices (weights already normalised).
@@ -94,27 +98,35 @@ at::Tensor index_permutation(int64_t n, uint64_t key) {
   return out;
 }
 
+struct BinPlan {
+  std::vector<int64_t> bin_of;     // per position: the bin (opening number) it went to
+  std::vector<int64_t> emit_rank;  // per bin: its emission rank
+  std::vector<int64_t> bin_count;  // per bin: number of documents
+};
+
+// Best-fit packing over a window of open bins. Position i has length lengths[order ? order[i] : i].
+// Open bins are kept in opening order in compact arrays of at most max_open entries: a linear best-fit scan is
+// cheaper than any tree for the small windows used. Positions only record their bin; the CSR output is built
+// afterwards by a counting sort (no per-bin allocations).
 template <typename length_t>
-std::tuple<at::Tensor, at::Tensor> pack_documents_impl(const length_t* lengths, int64_t n, int64_t capacity,
-                                                        int64_t max_open) {
-  // Open bins in opening order (compact arrays of at most max_open entries): a linear best-fit scan over them
-  // is cheaper than any tree for the small windows used. Documents only record their bin; the CSR output is
-  // built at the end by a counting sort on the bins' emission ranks (no per-bin allocations).
+BinPlan plan_bins(const length_t* lengths, const int64_t* order, int64_t n, int64_t num_lengths, int64_t capacity,
+                  int64_t max_open) {
+  BinPlan plan;
+  plan.bin_of.resize(static_cast<size_t>(n));
   std::vector<int64_t> open_remaining, open_bin;
   open_remaining.reserve(static_cast<size_t>(max_open));
   open_bin.reserve(static_cast<size_t>(max_open));
-  std::vector<int64_t> bin_of(static_cast<size_t>(n));
-  std::vector<int64_t> emit_rank;   // per bin (by opening number): its position in the output
-  std::vector<int64_t> bin_count;   // per bin: number of documents
   int64_t emitted = 0;
 
   auto emit = [&](size_t position) {
-    emit_rank[open_bin[position]] = emitted++;
+    plan.emit_rank[open_bin[position]] = emitted++;
     open_remaining.erase(open_remaining.begin() + static_cast<std::ptrdiff_t>(position));
     open_bin.erase(open_bin.begin() + static_cast<std::ptrdiff_t>(position));
   };
 
-  for (int64_t doc = 0; doc < n; ++doc) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t doc = order ? order[i] : i;
+    TORCH_CHECK(doc >= 0 && doc < num_lengths, "pack: document ", doc, " out of range [0, ", num_lengths, ")");
     int64_t length = static_cast<int64_t>(lengths[doc]);
     TORCH_CHECK(length >= 0, "pack_documents: negative length ", length, " at document ", doc);
     if (length > capacity) length = capacity;
@@ -131,44 +143,90 @@ std::tuple<at::Tensor, at::Tensor> pack_documents_impl(const length_t* lengths, 
     if (best == open_remaining.size()) {
       if (static_cast<int64_t>(open_remaining.size()) >= max_open) emit(0);
       open_remaining.push_back(capacity);
-      open_bin.push_back(static_cast<int64_t>(emit_rank.size()));
-      emit_rank.push_back(-1);
-      bin_count.push_back(0);
+      open_bin.push_back(static_cast<int64_t>(plan.emit_rank.size()));
+      plan.emit_rank.push_back(-1);
+      plan.bin_count.push_back(0);
       best = open_remaining.size() - 1;
     }
     open_remaining[best] -= length;
-    bin_of[doc] = open_bin[best];
-    bin_count[open_bin[best]] += 1;
+    plan.bin_of[i] = open_bin[best];
+    plan.bin_count[open_bin[best]] += 1;
     if (open_remaining[best] == 0) emit(best);
   }
   while (!open_remaining.empty()) emit(0);
+  return plan;
+}
 
-  const int64_t bins = static_cast<int64_t>(emit_rank.size());
+// CSR of the plan: row r holds the bin emitted at rank row_rank[r] (identity without a shuffle); items are
+// positions, or order[position] when an order is given. Items keep their position order inside a bin.
+std::tuple<at::Tensor, at::Tensor> bins_to_csr(const BinPlan& plan, const int64_t* order, int64_t n,
+                                               const std::vector<int64_t>* row_of_rank) {
+  const int64_t bins = static_cast<int64_t>(plan.emit_rank.size());
   auto offsets_t = at::empty({bins + 1}, at::TensorOptions().dtype(at::kLong));
   auto items_t = at::empty({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* offsets = offsets_t.data_ptr<int64_t>();
   int64_t* items = items_t.data_ptr<int64_t>();
+  std::vector<int64_t> row_of_bin(static_cast<size_t>(bins));
+  for (int64_t b = 0; b < bins; ++b) {
+    const int64_t rank = plan.emit_rank[b];
+    row_of_bin[b] = row_of_rank ? (*row_of_rank)[rank] : rank;
+  }
+  std::vector<int64_t> count_of_row(static_cast<size_t>(bins));
+  for (int64_t b = 0; b < bins; ++b) count_of_row[row_of_bin[b]] = plan.bin_count[b];
   offsets[0] = 0;
-  std::vector<int64_t> bin_at_rank(static_cast<size_t>(bins));
-  for (int64_t b = 0; b < bins; ++b) bin_at_rank[emit_rank[b]] = b;
-  for (int64_t r = 0; r < bins; ++r) offsets[r + 1] = offsets[r] + bin_count[bin_at_rank[r]];
+  for (int64_t r = 0; r < bins; ++r) offsets[r + 1] = offsets[r] + count_of_row[r];
   std::vector<int64_t> cursor(offsets, offsets + bins);
-  for (int64_t doc = 0; doc < n; ++doc) items[cursor[emit_rank[bin_of[doc]]]++] = doc;
+  for (int64_t i = 0; i < n; ++i) items[cursor[row_of_bin[plan.bin_of[i]]]++] = order ? order[i] : i;
   return {offsets_t, items_t};
 }
 
+template <typename fn_t>
+auto dispatch_lengths(const at::Tensor& lengths, fn_t&& fn) {
+  TORCH_CHECK(lengths.dim() == 1, "pack: lengths must be 1-D, got ", lengths.dim(), "-D");
+  TORCH_CHECK(lengths.device().is_cpu(), "pack: lengths must be a CPU tensor");
+  if (lengths.scalar_type() == at::kInt) return fn(lengths.data_ptr<int32_t>());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, "pack: lengths must be int32 or int64");
+  return fn(lengths.data_ptr<int64_t>());
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_documents(const at::Tensor& lengths, int64_t capacity, int64_t max_open) {
-  TORCH_CHECK(lengths.dim() == 1, "pack_documents: lengths must be 1-D, got ", lengths.dim(), "-D");
-  TORCH_CHECK(lengths.device().is_cpu(), "pack_documents: lengths must be a CPU tensor");
   TORCH_CHECK(capacity > 0, "pack_documents: capacity must be > 0, got ", capacity);
   TORCH_CHECK(max_open > 0, "pack_documents: max_open must be > 0, got ", max_open);
   auto contiguous = lengths.contiguous();
   const int64_t n = contiguous.numel();
-  if (contiguous.scalar_type() == at::kInt) {
-    return pack_documents_impl<int32_t>(contiguous.data_ptr<int32_t>(), n, capacity, max_open);
+  return dispatch_lengths(contiguous, [&](auto* data) {
+    return bins_to_csr(plan_bins(data, nullptr, n, n, capacity, max_open), nullptr, n, nullptr);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_epoch(const at::Tensor& lengths, const at::Tensor& order, int64_t capacity,
+                                              int64_t max_open, uint64_t bin_key) {
+  TORCH_CHECK(capacity > 0 && max_open > 0, "pack_epoch: capacity and max_open must be > 0");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.device().is_cpu(),
+              "pack_epoch: order must be a 1-D int64 CPU tensor");
+  auto contiguous = lengths.contiguous();
+  auto order_c = order.contiguous();
+  const int64_t n = order_c.numel();
+  const int64_t* order_p = order_c.data_ptr<int64_t>();
+  BinPlan plan = dispatch_lengths(contiguous, [&](auto* data) {
+    return plan_bins(data, order_p, n, contiguous.numel(), capacity, max_open);
+  });
+  // rows in the order index_permutation(bins, bin_key): row q holds emission rank perm[q]
+  const int64_t bins = static_cast<int64_t>(plan.emit_rank.size());
+  std::vector<int64_t> row_of_rank(static_cast<size_t>(bins));
+  if (bins == 1) row_of_rank[0] = 0;
+  if (bins > 1) {
+    const Feistel feistel(bins, bin_key);
+    const uint64_t limit = static_cast<uint64_t>(bins);
+    at::parallel_for(0, bins, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        uint64_t y = feistel.encrypt(static_cast<uint64_t>(q));
+        while (y >= limit) y = feistel.encrypt(y);
+        row_of_rank[y] = q;
+      }
+    });
   }
-  TORCH_CHECK(contiguous.scalar_type() == at::kLong, "pack_documents: lengths must be int32 or int64");
-  return pack_documents_impl<int64_t>(contiguous.data_ptr<int64_t>(), n, capacity, max_open);
+  return bins_to_csr(plan, order_p, n, &row_of_rank);
 }
 
 std::tuple<at::Tensor, at::Tensor> blending_indices(const at::Tensor& weights, int64_t size) {
@@ -205,6 +263,9 @@ void register_index_helpers(pybind11::module_& m) {
         pybind11::arg("n"), pybind11::arg("key"));
   m.def("pack_documents", &pack_documents, "Best-fit packing plan over a window of open bins",
         pybind11::arg("lengths"), pybind11::arg("capacity"), pybind11::arg("max_open"));
+  m.def("pack_epoch", &pack_epoch, "Packing plan of documents visited in `order`, bins shuffled by `bin_key`",
+        pybind11::arg("lengths"), pybind11::arg("order"), pybind11::arg("capacity"), pybind11::arg("max_open"),
+        pybind11::arg("bin_key"));
   m.def("blending_indices", &blending_indices, "Greedy blending of datasets by weight",
         pybind11::arg("weights"), pybind11::arg("size"));
 }

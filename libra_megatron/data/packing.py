@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from libra_megatron.ops.index_helpers import blending_indices, derive_key, index_permutation, pack_documents
+from libra_megatron.ops.index_helpers import blending_indices, derive_key, index_permutation, pack_epoch
 
 INDEX_FORMAT_VERSION = 1
 PURPOSE_DOCUMENTS, PURPOSE_BINS = 0, 1
@@ -48,27 +48,14 @@ class SourceIndex:
         return self.docs[self.offsets[sample] : self.offsets[sample + 1]].tolist()
 
 
-def _reorder_csr(offsets: np.ndarray, items: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a CSR array in a new order (vectorised)."""
-    counts = (offsets[1:] - offsets[:-1])[order]
-    starts = offsets[:-1][order]
-    new_offsets = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum(counts, out=new_offsets[1:])
-    gather = np.repeat(starts - new_offsets[:-1], counts) + np.arange(new_offsets[-1], dtype=np.int64)
-    return new_offsets, items[gather]
-
-
 def epoch_samples(lengths: Optional[np.ndarray], num_documents: int, seq_length: int, seed: int, source: int,
                   epoch: int, packing: bool, max_open_bins: int) -> SourceIndex:
     """The samples of one epoch of one source, in order."""
     order = index_permutation(num_documents, derive_key(seed, source, epoch, PURPOSE_DOCUMENTS))
     if not packing:
-        return SourceIndex(order.astype(np.int64), None)
-    offsets, items = pack_documents(np.minimum(lengths[order], seq_length), seq_length, max_open_bins)
-    docs = order[items]
-    shuffle = index_permutation(len(offsets) - 1, derive_key(seed, source, epoch, PURPOSE_BINS))
-    offsets, docs = _reorder_csr(offsets, docs, shuffle)
-    return SourceIndex(docs.astype(np.int64), offsets)
+        return SourceIndex(order, None)
+    offsets, docs = pack_epoch(lengths, order, seq_length, max_open_bins, derive_key(seed, source, epoch, PURPOSE_BINS))
+    return SourceIndex(docs, offsets)
 
 
 def build_source_index(lengths: Optional[np.ndarray], num_documents: int, needed: int, seq_length: int, seed: int,
@@ -82,6 +69,9 @@ def build_source_index(lengths: Optional[np.ndarray], num_documents: int, needed
     while total < needed or epoch == 0:
         part = epoch_samples(lengths, num_documents, seq_length, seed, source, epoch, packing, max_open_bins)
         take = min(len(part), needed - total) if needed else len(part)
+        if epoch == 0 and take == len(part):  # one whole epoch: no copies
+            if not needed or take == needed:
+                return part
         if packing:
             end = part.offsets[take]
             offsets_parts.append(part.offsets[1 : take + 1] + (offsets_parts[-1][-1] if offsets_parts else 0))

@@ -9,6 +9,8 @@ dispatchers use the extension when it is built and fall back to the (vectorised 
   range. ``perm[i]`` depends only on ``(n, key, i)``, so it is parallel and needs no sort.
 - :func:`pack_documents` — best-fit packing of documents (in the given order) into bins of ``capacity``
   tokens, over a window of at most ``max_open`` open bins.
+- :func:`pack_epoch` — one epoch of a source: :func:`pack_documents` over the documents in a given order, the
+  bins then shuffled with :func:`index_permutation` (fused in C++; the reference composes the pieces).
 - :func:`blending_indices` — megatron-core's greedy "largest error first" interleave of datasets by weight.
 """
 from __future__ import annotations
@@ -116,6 +118,25 @@ def pack_documents_reference(lengths: np.ndarray, capacity: int, max_open: int) 
     return np.asarray(offsets, dtype=np.int64), np.asarray(items, dtype=np.int64)
 
 
+def reorder_rows_reference(offsets: np.ndarray, items: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a CSR array taken in ``order`` (row ``q`` of the result is row ``order[q]``), vectorised."""
+    counts = (offsets[1:] - offsets[:-1])[order]
+    starts = offsets[:-1][order]
+    new_offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_offsets[1:])
+    gather = np.repeat(starts - new_offsets[:-1], counts) + np.arange(new_offsets[-1], dtype=np.int64)
+    return new_offsets, items[gather]
+
+
+def pack_epoch_reference(lengths: np.ndarray, order: np.ndarray, capacity: int, max_open: int,
+                         bin_key: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of :func:`pack_epoch`: pack ``lengths[order]``, map items to document ids, shuffle the bins."""
+    order = np.asarray(order, dtype=np.int64)
+    offsets, items = pack_documents_reference(np.asarray(lengths)[order], capacity, max_open)
+    shuffle = index_permutation_reference(len(offsets) - 1, bin_key)
+    return reorder_rows_reference(offsets, order[items], shuffle)
+
+
 def blending_indices_reference(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Python reference of megatron-core's greedy blending: ``(dataset_index int16, dataset_sample_index int64)``."""
     w = np.asarray(weights, dtype=np.float64)
@@ -152,6 +173,24 @@ def pack_documents(lengths: np.ndarray, capacity: int, max_open: int = 64) -> tu
         offsets, items = ext.pack_documents(lengths_t, int(capacity), int(max_open))
         return offsets.numpy(), items.numpy()
     return pack_documents_reference(lengths, capacity, max_open)
+
+
+def pack_epoch(lengths: np.ndarray, order: np.ndarray, capacity: int, max_open: int,
+               bin_key: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packing plan of the documents visited in ``order`` (lengths indexed by document id), rows shuffled with
+    ``index_permutation(rows, bin_key)``: ``(bin_offsets int64[B+1], bin_docs int64[n])`` of document ids."""
+    ext = get_extension()
+    if ext is not None:
+        lengths = np.ascontiguousarray(lengths)
+        if lengths.dtype not in (np.int32, np.int64):
+            lengths = lengths.astype(np.int64)
+        offsets, docs = ext.pack_epoch(torch.from_numpy(lengths), torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64)),
+                                       int(capacity), int(max_open), int(bin_key) & MASK64)
+        return offsets.numpy(), docs.numpy()
+    lengths = np.asarray(lengths)
+    order = np.asarray(order, dtype=np.int64)
+    offsets, items = pack_documents(lengths[order], capacity, max_open)
+    return reorder_rows_reference(offsets, order[items], index_permutation(len(offsets) - 1, bin_key))
 
 
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -70,7 +70,7 @@ def test_bad_webdataset_shards(tmp_path, sp_model_path):
     config = PreprocessConfig(
         input_format="webdataset", inputs=[str(tmp_path / f"shard-{i}.tar") for i in range(3)], output_prefix=prefix,
         tokenizer_model=str(sp_model_path), tiny_image_tokenizer_seed=0, workers=2, batch_size=4,
-        max_image_pixels=1_000_000, progress=False)
+        max_image_pixels=1_000_000, progress=False, device="cpu")
     summary = run_preprocessing(config)
 
     reader = SampleReader(prefix)
@@ -118,7 +118,7 @@ def test_bad_image_folder_records(tmp_path, sp_model_path):
     config = PreprocessConfig(
         input_format="image-folder", inputs=[str(tmp_path / "captions.jsonl")], image_root=str(images),
         output_prefix=prefix, tokenizer_model=str(sp_model_path), tiny_image_tokenizer_seed=0, workers=0,
-        chunk_size=4, progress=False)
+        chunk_size=4, progress=False, device="cpu")
     run_preprocessing(config)
     assert len(SampleReader(prefix)) == 1
     rejects = {r["key"]: r["reason"] for r in _read_rejects(prefix)}

@@ -31,14 +31,14 @@ def _args(corpus, prefix, sp_model_path, *extra):
     return ["--input-format", "image-folder", "--input", str(corpus / "captions.jsonl"), "--image-root",
             str(corpus / "images"), "--output-prefix", prefix, "--tokenizer-model", str(sp_model_path),
             "--tiny-image-tokenizer", "0", "--chunk-size", "2", "--batch-size", "2", "--workers", "1",
-            "--no-progress", *extra]
+            "--no-progress", "--device", "cpu", *extra]
 
 
 def _run_inline(corpus, prefix, sp_model_path, **kwargs):
     config = PreprocessConfig(input_format="image-folder", inputs=[str(corpus / "captions.jsonl")],
                               image_root=str(corpus / "images"), output_prefix=prefix,
                               tokenizer_model=str(sp_model_path), tiny_image_tokenizer_seed=0, chunk_size=2,
-                              batch_size=2, workers=1, progress=False)
+                              batch_size=2, workers=1, progress=False, device="cpu")
     for key, value in kwargs.items():
         setattr(config, key, value)
     return run_preprocessing(config)

@@ -62,6 +62,20 @@ def test_packing_cpp_equals_reference(ext, n, capacity, max_open, low, high):
         assert clipped[members].sum() <= capacity
 
 
+@pytest.mark.parametrize("n,capacity,max_open", [(0, 100, 4), (1, 100, 4), (700, 2048, 64), (3000, 700, 8)])
+def test_pack_epoch_cpp_equals_reference(ext, n, capacity, max_open):
+    lengths = _random_lengths(n, n, 1, capacity + 200).astype(np.int32)
+    order = ih.index_permutation_reference(n, 99)
+    ref_offsets, ref_docs = ih.pack_epoch_reference(lengths, order, capacity, max_open, 1234)
+    offsets, docs = ext.pack_epoch(torch.from_numpy(lengths), torch.from_numpy(order), capacity, max_open, 1234)
+    assert np.array_equal(offsets.numpy(), ref_offsets) and np.array_equal(docs.numpy(), ref_docs)
+    assert np.array_equal(np.sort(ref_docs), np.arange(n))
+    # same bins as the plain plan, only reordered and mapped to document ids
+    plain_offsets, plain_items = ih.pack_documents_reference(lengths[order], capacity, max_open)
+    plain = sorted(tuple(order[plain_items[a:b]]) for a, b in zip(plain_offsets[:-1], plain_offsets[1:]))
+    assert plain == sorted(tuple(ref_docs[a:b]) for a, b in zip(ref_offsets[:-1], ref_offsets[1:]))
+
+
 def test_packing_rule_on_a_hand_example():
     # capacity 10, window 2: [6] -> bin0; [5] new bin1; [4] best fit bin0 (rem 4 -> full, emitted);
     # [3] bin1 (rem 5 -> 2); [9] no fit, 1 open < 2 -> bin2; [2] bin1 (rem 2 -> 0, emitted); end: bin2.
@@ -103,9 +117,14 @@ def test_blending_cpp_equals_reference_and_megatron(ext, weights):
 
 def test_dispatchers_use_reference_without_extension(monkeypatch):
     lengths = _random_lengths(0, 300, 10, 90)
-    with_ext = (ih.index_permutation(777, 9), ih.pack_documents(lengths, 100, 4), ih.blending_indices([0.3, 0.7], 50))
+    order = ih.index_permutation(300, 5)
+
+    def run():
+        return (ih.index_permutation(777, 9), *ih.pack_documents(lengths, 100, 4), *ih.blending_indices([0.3, 0.7], 50),
+                *ih.pack_epoch(lengths, order, 100, 4, 77))
+
+    with_ext = run()
     monkeypatch.setattr(ih, "get_extension", lambda: None)
-    without = (ih.index_permutation(777, 9), ih.pack_documents(lengths, 100, 4), ih.blending_indices([0.3, 0.7], 50))
-    assert np.array_equal(with_ext[0], without[0])
-    for a, b in zip(with_ext[1] + with_ext[2], without[1] + without[2]):
+    without = run()
+    for a, b in zip(with_ext, without, strict=True):
         assert np.array_equal(a, b)
