@@ -184,6 +184,23 @@ def bench_preprocess(images: int, workers: int, device: str, workdir: str, batch
             _photo_like(i).save(os.path.join(folder, f"{i}.jpg"), quality=90)
             handle.write(json.dumps({"image": f"{i}.jpg", "caption": f"a photo number {i} of a small red house"}) + "\n")
     model = train_sentencepiece(os.path.join(workdir, "sp.model"), 512)
+
+    # the per-image CPU work of a decode worker (read, decode, validate, pad/resize/crop, WebP, caption), 1 thread
+    import torch
+
+    from libra_megatron.data.prepare import PrepareSettings, prepare_record
+    from libra_megatron.data.sources import build_source
+    from libra_megatron.data.text_tokenizer import TextTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = PrepareSettings(TextTokenizer(model), "webp")
+    source = build_source("image-folder", [os.path.join(workdir, "captions.jsonl")], folder, chunk_size=images)
+    records = list(source.read(source.chunks()[0]))
+    seconds, _ = timed(lambda: [prepare_record(r, settings) for r in records])
+    emit("preprocess", "worker_cpu_per_image", images=len(records), ms_per_image=round(1000 * seconds / len(records), 2),
+         images_per_s_per_core=round(len(records) / seconds, 1))
+    torch.set_num_threads(threads)
     for w in sorted({0, workers}):
         prefix = os.path.join(workdir, f"pre{w}")
         config = PreprocessConfig(input_format="image-folder", inputs=[os.path.join(workdir, "captions.jsonl")],
