@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from libra_megatron.data.indexed import SampleReader, effective_lengths, unpack_bytes

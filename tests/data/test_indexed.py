@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from PIL import Image
 
 from libra_megatron.data.indexed import (
     SampleReader,

@@ -2,7 +2,6 @@
 the training dataset, compared with ids, pixels and labels built by hand from spec §3.2."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -157,18 +156,12 @@ def test_coco_karpathy_and_llava_round_trip(corpus, tmp_path, sp_model_path, tex
         2: ([1] + system, image_span[2], sp.encode("\nColor? ASSISTANT:")[1:], sp.encode(" Red. ")[1:] + [2]),
     }
     # answers are continuations: sentencepiece's dummy '▁' is not part of ' Two cats. ' (its own '▁' is)
-    for key in (0, 1, 2):
-        for part in expected[key]:
-            assert part, "empty expected part"
     for i in range(len(ds)):
         row = ds[i]
         doc = ds.order.locate(i)[1][0]
         parts = expected[doc]
         ids = [t for part in parts for t in part]
-        target = []
-        for p, part in enumerate(parts):
-            is_answer = part[-1] == 2
-            target += [is_answer] * len(part)
+        target = [t for part in parts for t in [part[-1] == 2] * len(part)]  # answer parts end with </s>
         n = len(ids)
         assert row["tokens"][0, :n].tolist() == ids, f"llava sample {doc}"
         want = [IGNORE_INDEX] * 2048
