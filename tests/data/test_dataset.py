@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from libra_megatron.data.dataset import LibraDataset, LibraDatasetConfig, ResumableBatchSampler, collate_batch
+from libra_megatron.data.dataset import (
+    LibraDataset,
+    LibraDatasetConfig,
+    ResumableBatchSampler,
+    build_data_loader,
+    collate_batch,
+)
 from libra_megatron.data.indexed import SampleReader
 from libra_megatron.data.samples import assemble, shifted_labels
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
@@ -84,6 +90,13 @@ def test_batch_contract_and_pixel_order(datasets):
     assert batch["pixels"].shape[0] == int((batch["vision_indices"] == 0).sum())  # row-major <boi> order
     unpacked = LibraDataset(LibraDatasetConfig([datasets[0]], seq_length=1400))
     assert "segment_ids" not in collate_batch([unpacked[0], unpacked[1]])
+    # through a DataLoader worker process, data-parallel rank 1 of 2, resumed after 8 samples
+    loader = build_data_loader(ds, consumed_samples=8, micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2,
+                               num_workers=1)
+    first = next(iter(loader))
+    assert first["sample_ids"].tolist() == [10, 11]
+    expected = collate_batch([ds[10], ds[11]])
+    assert all(torch.equal(first[k], expected[k]) for k in expected)
 
 
 def test_blending_follows_weights_and_cycles_epochs(datasets):
