@@ -120,24 +120,34 @@ class LibraBridgeAttention(MegatronModule):
                            v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
         b, heads, d = routing.batch, self.heads_per_rank, self.head_dim
         segments = routing.time_segments
-        # key/value sets in sequence order, only as far as the last run of their query modality reaches: vision
-        # queries see text keys bridged, text queries see vision keys bridged
-        needed = {m: max([t1 * b for _, t1, v in segments if v == m], default=0) for m in (False, True)}
-        sets, used = {}, {id(q_t): needed[False] > 0, id(q_v): needed[True] > 0}
+        own_values = {False: v_t, True: v_v}
+        # A run [0, 1) (e.g. <s> before an image) attends one key, its own position: softmax over one score is
+        # exactly 1, so its output is that position's value from its own modality (unbridged) — no attention call.
+        single = [t0 == 0 and t1 == 1 for t0, t1, _ in segments]
+        # key/value sets in sequence order, only as far as the last attending run of their query modality reaches:
+        # vision queries see text keys bridged, text queries see vision keys bridged
+        needed = {m: max([t1 * b for (_, t1, v), one in zip(segments, single) if v == m and not one], default=0)
+                  for m in (False, True)}
+        used = {id(own_values[v]) for (_, _, v), one in zip(segments, single) if one}
+        sets = {}
         for is_vision in (False, True):
             if needed[is_vision]:
                 deltas = dict(vision_delta=(dk_v, dv_v)) if not is_vision else dict(text_delta=(dk_t, dv_t))
                 sets[is_vision] = self._key_value_set(routing, k_t, k_v, v_t, v_v, needed[is_vision], **deltas)
-                for t in (k_t, k_v, v_t, v_v, *next(iter(deltas.values()))):
-                    used[id(t)] = True
-        queries = {False: q_t, True: q_v}
+                used.update(id(t) for t in (k_t, k_v, v_t, v_v, *next(iter(deltas.values()))))
+        # each modality's query rows, one view per run (a split: its backward is one cat, not a zero-fill per run)
+        queries = {}
+        for is_vision, q in ((False, q_t), (True, q_v)):
+            sizes = [(t1 - t0) * b for t0, t1, v in segments if v == is_vision]
+            queries[is_vision] = iter(q.split(sizes) if len(sizes) > 1 else [q])
         outputs: dict = {False: [], True: []}
-        offsets = {False: 0, True: 0}
-        for t0, t1, is_vision in segments:
-            rows = (t1 - t0) * b
-            start = offsets[is_vision]
-            offsets[is_vision] += rows
-            q = _rows_view(queries[is_vision], start, rows).view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
+        for (t0, t1, is_vision), one in zip(segments, single):
+            q = next(queries[is_vision])
+            if one:
+                outputs[is_vision].append(own_values[is_vision][:b].view(1, b, heads, d))
+                continue
+            used.add(id(q_v if is_vision else q_t))
+            q = q.view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
             keys, values = sets[is_vision]
             k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
             v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
@@ -149,7 +159,7 @@ class LibraBridgeAttention(MegatronModule):
         o_t, o_v = self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
         # every parameter gets a gradient in every micro-batch (megatron DDP's overlapped grad reduce expects the
         # same set each step), also when a layout leaves a projection unused, e.g. no image in the micro-batch
-        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if not used.get(id(t), False)]
+        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if id(t) not in used]
         return _KeepInGraph.apply(o_t, *unused) if unused else o_t, o_v
 
     def _key_value_set(self, routing: ModalityRouting, k_t: Tensor, k_v: Tensor, v_t: Tensor, v_v: Tensor,

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -94,14 +95,29 @@ def row_parallel(config: LibraConfig, input_size: int, output_size: int, init_me
     )
 
 
+def copy_to_tp(x: Tensor) -> Tensor:
+    """megatron's ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward); at TP=1 it is
+    the identity both ways, so no autograd node is added (each costs host time per step)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return x
+    return copy_to_tensor_model_parallel_region(x)
+
+
+def reduce_from_tp(x: Tensor) -> Tensor:
+    """megatron's ``reduce_from_tensor_model_parallel_region`` (all-reduce forward); the identity at TP=1."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return x
+    return reduce_from_tensor_model_parallel_region(x)
+
+
 def text_column(x: Tensor, weight: Tensor) -> Tensor:
     """Column role, text rows: complete ``x`` → this rank's output shard."""
-    return F.linear(copy_to_tensor_model_parallel_region(x), weight)
+    return F.linear(copy_to_tp(x), weight)
 
 
 def text_row(x_shard: Tensor, weight: Tensor) -> Tensor:
     """Row role, text rows: this rank's input shard → complete output (h-wide all-reduce)."""
-    return reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight))
+    return reduce_from_tp(F.linear(x_shard, weight))
 
 
 def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
@@ -109,17 +125,19 @@ def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
 
     The copy after A all-reduces the r-wide gradient, so A's weight gradient and ``x``'s gradient are complete.
     """
-    return copy_to_tensor_model_parallel_region(F.linear(x, weight_a))
+    return copy_to_tp(F.linear(x, weight_a))
 
 
 def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Tensor:
     """Row role, vision rows: this rank's input shard → ``B · allreduce(A_shard x_shard)`` (r-wide all-reduce)."""
-    return F.linear(reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight_a_shard)), weight_b)
+    return F.linear(reduce_from_tp(F.linear(x_shard, weight_a_shard)), weight_b)
 
 
 def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:
     """The k and v bridge B's of one modality in one batched GEMM: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` →
-    ``(a_k B_k^T, a_v B_v^T)``, each a contiguous ``[n, out]`` (tiny GEMMs are launch-bound: one launch, not two)."""
+    ``(a_k B_k^T, a_v B_v^T)``, each a contiguous ``[n, out]`` (tiny GEMMs are launch-bound: one launch, not two).
+    ``unbind`` (not indexing) so the backward stacks the two gradients in one op instead of zero-fill + copy each."""
     n, rank = a.shape[0], weight_k.shape[1]
     out = torch.bmm(a.view(n, 2, rank).transpose(0, 1), torch.stack([weight_k, weight_v]).transpose(1, 2))
-    return out[0], out[1]
+    delta_k, delta_v = out.unbind(0)
+    return delta_k, delta_v

@@ -93,6 +93,7 @@ def build_sample(pieces: List[object], T: int, g: torch.Generator) -> Tuple[Tens
 LAYOUTS = {
     "image_first": [["img", 20], ["img", 20]],
     "image_mid": [[5, "img", 15], [5, "img", 15]],
+    "bos_image_caption": [[1, "img", 12], [1, "img", 12]],  # the pretraining layout: <s>, image, caption
     "two_images": [[3, "img", 4, "img", 5], [3, "img", 4, "img", 5]],
     "text_only": [[40], [40]],
     "right_padding": [[5, "img", 15], [5, "img", 7]],

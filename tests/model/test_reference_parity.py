@@ -22,6 +22,7 @@ from tests.model.reference import reference_logits, reference_loss_sum
 CASES: List[Tuple[str, bool, bool]] = [
     ("image_first", False, False),
     ("image_mid", False, False),
+    ("bos_image_caption", False, False),
     ("two_images", False, False),
     ("text_only", False, False),
     ("right_padding", False, False),
