@@ -129,12 +129,19 @@ class LibraBridgeAttention(MegatronModule):
         needed = {m: max([t1 * b for (_, t1, v), one in zip(segments, single) if v == m and not one], default=0)
                   for m in (False, True)}
         used = {id(own_values[v]) for (_, _, v), one in zip(segments, single) if one}
-        sets = {}
-        for is_vision in (False, True):
-            if needed[is_vision]:
-                deltas = dict(vision_delta=(dk_v, dv_v)) if not is_vision else dict(text_delta=(dk_t, dv_t))
-                sets[is_vision] = self._key_value_set(routing, k_t, k_v, v_t, v_v, needed[is_vision], **deltas)
-                used.update(id(t) for t in (k_t, k_v, v_t, v_v, *next(iter(deltas.values()))))
+        # both sets (keys and values) in one merge: text queries' set bridges vision keys, and vice versa
+        groups, order = [], [m for m in (False, True) if needed[m]]
+        for is_vision in order:
+            text_delta, vision_delta = ((dk_t, dv_t), (None, None)) if is_vision else ((None, None), (dk_v, dv_v))
+            groups += [(k_t, k_v, text_delta[0], vision_delta[0], needed[is_vision]),
+                       (v_t, v_v, text_delta[1], vision_delta[1], needed[is_vision])]
+            used.update(id(t) for t in (k_t, k_v, v_t, v_v, *(text_delta if is_vision else vision_delta)))
+        merged = routing.full.merge_bridged_many(groups)
+        rotary, sets = routing.rotary, {}
+        for i, is_vision in enumerate(order):
+            rows = needed[is_vision]
+            keys = apply_rope(merged[2 * i], rotary.cos.flatten(0, 1)[:rows], rotary.sin.flatten(0, 1)[:rows])
+            sets[is_vision] = (keys, merged[2 * i + 1])
         # each modality's query rows, one view per run (a split: its backward is one cat, not a zero-fill per run)
         queries = {}
         for is_vision, q in ((False, q_t), (True, q_v)):

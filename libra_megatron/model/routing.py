@@ -82,41 +82,51 @@ class _MergeAddBySegments(torch.autograd.Function):
 
 
 class _MergeBridgedBySegments(torch.autograd.Function):
-    """The first ``rows`` rows of merge(text + text_delta, vision + vision_delta), written once (deltas optional)."""
+    """Several merges at once (one autograd node): for each group, the first ``rows`` rows of
+    merge(text + text_delta, vision + vision_delta), written once (deltas optional)."""
 
     @staticmethod
-    def forward(ctx, text, vision, text_delta, vision_delta, plan: "RowPlan", rows: int):  # type: ignore[override]
-        ctx.plan, ctx.rows = plan, rows
-        ctx.has_delta = (text_delta is not None, vision_delta is not None)
-        ctx.sizes = (text.shape[0], vision.shape[0])
-        out = text.new_empty((rows, *text.shape[1:]))
-        offsets = {False: 0, True: 0}
-        for start, end, is_vision in plan.segments:
-            if start >= rows:
-                break
-            part, delta = (vision, vision_delta) if is_vision else (text, text_delta)
-            lo, n = offsets[is_vision], end - start
-            if delta is None:
-                out[start:end].copy_(part[lo:lo + n])
-            else:
-                torch.add(part[lo:lo + n], delta[lo:lo + n], out=out[start:end])
-            offsets[is_vision] += n
-        return out
+    def forward(ctx, plan: "RowPlan", groups, *tensors):  # type: ignore[override]
+        """``groups``: per group (rows, has_text_delta, has_vision_delta); ``tensors``: per group text, vision and
+        the deltas present, in that order."""
+        ctx.plan, ctx.groups = plan, groups
+        ctx.sizes = []
+        outs, pos = [], 0
+        for rows, has_td, has_vd in groups:
+            text, vision = tensors[pos], tensors[pos + 1]
+            text_delta = tensors[pos + 2] if has_td else None
+            vision_delta = tensors[pos + 2 + has_td] if has_vd else None
+            pos += 2 + has_td + has_vd
+            ctx.sizes.append((text.shape[0], vision.shape[0]))
+            out = text.new_empty((rows, *text.shape[1:]))
+            offsets = {False: 0, True: 0}
+            for start, end, is_vision in plan.segments:
+                if start >= rows:
+                    break
+                part, delta = (vision, vision_delta) if is_vision else (text, text_delta)
+                lo, n = offsets[is_vision], end - start
+                if delta is None:
+                    out[start:end].copy_(part[lo:lo + n])
+                else:
+                    torch.add(part[lo:lo + n], delta[lo:lo + n], out=out[start:end])
+                offsets[is_vision] += n
+            outs.append(out)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        plan, rows = ctx.plan, ctx.rows
-        grads = []
-        for is_vision in (False, True):
-            pieces = [grad[s:e] for s, e, v in plan.segments if v == is_vision and s < rows]
-            covered = sum(p.shape[0] for p in pieces)
-            missing = ctx.sizes[is_vision] - covered
-            if missing:
-                pieces.append(grad.new_zeros((missing, *grad.shape[1:])))
-            grads.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else grad.new_zeros((0, *grad.shape[1:])))
-        text_grad, vision_grad = grads
-        return (text_grad, vision_grad, text_grad if ctx.has_delta[0] else None,
-                vision_grad if ctx.has_delta[1] else None, None, None)
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        plan, result = ctx.plan, [None, None]
+        for (rows, has_td, has_vd), grad, sizes in zip(ctx.groups, grads, ctx.sizes):
+            parts = []
+            for is_vision in (False, True):
+                pieces = [grad[s:e] for s, e, v in plan.segments if v == is_vision and s < rows]
+                missing = sizes[is_vision] - sum(p.shape[0] for p in pieces)
+                if missing:
+                    pieces.append(grad.new_zeros((missing, *grad.shape[1:])))
+                parts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces
+                             else grad.new_zeros((0, *grad.shape[1:])))
+            result += [parts[0], parts[1]] + ([parts[0]] if has_td else []) + ([parts[1]] if has_vd else [])
+        return tuple(result)
 
 
 class _SplitByIndex(torch.autograd.Function):
@@ -201,12 +211,22 @@ class RowPlan:
 
         Segment plans write each row once; ``rows`` must end on a segment boundary.
         """
-        rows = self.num_rows if rows is None else rows
+        return self.merge_bridged_many([(text, vision, text_delta, vision_delta, rows)])[0]
+
+    def merge_bridged_many(self, groups: Sequence[tuple]) -> List[Tensor]:
+        """:meth:`merge_bridged` of several ``(text, vision, text_delta, vision_delta, rows)`` groups; a segment
+        plan does them all in one autograd node (host time per step matters more than the few copies)."""
+        groups = [(t, v, td, vd, self.num_rows if rows is None else rows) for t, v, td, vd, rows in groups]
         if self.segments is not None:
-            return _MergeBridgedBySegments.apply(text, vision, text_delta, vision_delta, self, rows)
-        text = text if text_delta is None else text + text_delta
-        vision = vision if vision_delta is None else vision + vision_delta
-        return self.merge(text, vision)[:rows]
+            spec = tuple((rows, td is not None, vd is not None) for _, _, td, vd, rows in groups)
+            tensors = [x for t, v, td, vd, _ in groups for x in (t, v, td, vd) if x is not None]
+            return list(_MergeBridgedBySegments.apply(self, spec, *tensors))
+        outs = []
+        for text, vision, text_delta, vision_delta, rows in groups:
+            text = text if text_delta is None else text + text_delta
+            vision = vision if vision_delta is None else vision + vision_delta
+            outs.append(self.merge(text, vision)[:rows])
+        return outs
 
     def split_constant(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """:meth:`split` for tensors without autograd history (tables, labels)."""
