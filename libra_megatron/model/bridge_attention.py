@@ -37,6 +37,7 @@ from libra_megatron.config import LibraConfig
 from libra_megatron.model.fusions import apply_rope
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
+    batched_b,
     bridge_deltas,
     column_parallel,
     expert_column_a,
@@ -92,11 +93,10 @@ class LibraBridgeAttention(MegatronModule):
         dk_t, dv_t = (t.view(n_text, heads, d) for t in
                       bridge_deltas(bridge_t, self.text_bridge_k_b.weight, self.text_bridge_v_b.weight))
         # vision expert projections and vision-key bridge deltas
-        a_q, a_k, a_v, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
-            [self.rank, self.rank, self.rank, 2 * self.bridge_rank], dim=1)
-        q_v = F.linear(a_q, self.vision_q_b.weight).view(n_vision, heads, d)
-        k_v = F.linear(a_k, self.vision_k_b.weight).view(n_vision, heads, d)
-        v_v = F.linear(a_v, self.vision_v_b.weight).view(n_vision, heads, d)
+        a_qkv, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
+            [3 * self.rank, 2 * self.bridge_rank], dim=1)
+        q_v, k_v, v_v = (t.view(n_vision, heads, d) for t in
+                         batched_b(a_qkv, (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight)))
         dk_v, dv_v = (t.view(n_vision, heads, d) for t in
                       bridge_deltas(a_bridge, self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight))
         # RoPE on the queries here; on the two key sets once they are assembled (RoPE is linear: R(k+Δk) = Rk + RΔk)

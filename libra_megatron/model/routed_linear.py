@@ -27,7 +27,7 @@ complete tensor.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,11 +133,17 @@ def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Ten
     return F.linear(reduce_from_tp(F.linear(x_shard, weight_a_shard)), weight_b)
 
 
+def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """Several expert B's of equal shape ``[out, rank]`` in one batched GEMM: ``a = [a_1 ‖ … ‖ a_k]`` ``[n, k·rank]``
+    (any row stride) → ``(a_1 B_1^T, …, a_k B_k^T)``, each a contiguous ``[n, out]``. One launch instead of k
+    forward and one instead of 2k backward (the expert's GEMMs are small enough to be launch-bound on the host);
+    ``unbind`` (not indexing) so the backward stacks the k gradients in one op."""
+    n, rank = a.shape[0], weights[0].shape[1]
+    out = torch.bmm(a.view(n, len(weights), rank).transpose(0, 1), torch.stack(list(weights)).transpose(1, 2))
+    return out.unbind(0)
+
+
 def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:
-    """The k and v bridge B's of one modality in one batched GEMM: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` →
-    ``(a_k B_k^T, a_v B_v^T)``, each a contiguous ``[n, out]`` (tiny GEMMs are launch-bound: one launch, not two).
-    ``unbind`` (not indexing) so the backward stacks the two gradients in one op instead of zero-fill + copy each."""
-    n, rank = a.shape[0], weight_k.shape[1]
-    out = torch.bmm(a.view(n, 2, rank).transpose(0, 1), torch.stack([weight_k, weight_v]).transpose(1, 2))
-    delta_k, delta_v = out.unbind(0)
+    """The k and v bridge B's of one modality: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` → ``(a_k B_k^T, a_v B_v^T)``."""
+    delta_k, delta_v = batched_b(a, (weight_k, weight_v))
     return delta_k, delta_v
