@@ -26,8 +26,8 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 PLACES: Dict[str, Tuple[float, float]] = {
-    "on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top": (0.5, 0.25),
-    "at the bottom": (0.5, 0.75), "in the center": (0.5, 0.5),
+    "on the left": (0.27, 0.5), "on the right": (0.73, 0.5), "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73), "in the center": (0.5, 0.5),
 }
 
 
@@ -41,9 +41,9 @@ def draw(shape: str, colour: str, place: str, rng: random.Random) -> Image.Image
         grey = rng.randint(190, 215)
         pen.point((x, y), fill=(grey, grey, grey))
     fx, fy = PLACES[place]
-    cx = fx * SIZE + rng.uniform(-18, 18)
-    cy = fy * SIZE + rng.uniform(-18, 18)
-    r = rng.uniform(34, 52)
+    cx = fx * SIZE + rng.uniform(-12, 12)
+    cy = fy * SIZE + rng.uniform(-12, 12)
+    r = rng.uniform(55, 75)
     fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLOURS[colour])
     if shape == "circle":
         pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)

@@ -61,11 +61,9 @@ def _loss_func(family: ModelFamily, batch: Dict[str, torch.Tensor], vocab: Any, 
 
 
 def _nonfinite_samples(reports: List[Dict[str, torch.Tensor]]) -> List[int]:
-    bad: List[int] = []
-    for report in reports:
-        if not torch.isfinite(report["lm loss"]).all():
-            bad.extend(int(i) for i in report["sample_ids"].flatten().tolist())
-    return bad
+    """Sample ids of the micro-batches whose loss is not finite (one device-to-host copy)."""
+    finite = torch.stack([report["lm loss"] for report in reports]).isfinite().all(dim=1).cpu().tolist()
+    return [int(i) for report, ok in zip(reports, finite) if not ok for i in report["sample_ids"].flatten().tolist()]
 
 
 class _SignalFlag:

@@ -65,7 +65,7 @@ class StepRecord:
 
 def reduce_step_losses(reports: List[Dict[str, torch.Tensor]], stats: BatchStats, num_microbatches: int,
                        per_token: bool, dp_group: Any) -> tuple:
-    """On a last-stage rank: all-reduce loss sums/counts and token counts over DP.
+    """On a last-stage rank: all-reduce loss sums/counts and token counts over DP (one collective, one copy to host).
 
     Returns ``({key: mean loss}, BatchStats of the global batch)``. ``lm loss`` is the objective the optimizer
     saw: the token mean over the global batch with ``--calculate-per-token-loss``, otherwise the mean of the
@@ -73,24 +73,18 @@ def reduce_step_losses(reports: List[Dict[str, torch.Tensor]], stats: BatchStats
     """
     import torch.distributed as dist
 
-    sums = []
-    for key in LOSS_KEYS:
-        total = torch.zeros(2, dtype=torch.float64)
-        for report in reports:
-            total += report[key].detach().double().cpu()
-        sums.append(total)
-    objective = sum(float(r["lm loss"][0]) / max(float(r["lm loss"][1]), 1.0) for r in reports)
-    packed = torch.cat(sums + [torch.tensor([objective], dtype=torch.float64), stats.as_tensor()])
-    device = reports[0]["lm loss"].device if reports else torch.device("cpu")
-    packed = packed.to(device)
-    if dist.get_world_size(dp_group) > 1:
+    parts = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS]) for r in reports])  # [M, K, 2]
+    objective = (parts[:, 0, 0] / parts[:, 0, 1].clamp_min(1.0)).sum()
+    device = parts.device
+    packed = torch.cat([parts.sum(dim=0).flatten(), objective.view(1), stats.as_tensor().to(device)])
+    dp = dist.get_world_size(dp_group)
+    if dp > 1:
         dist.all_reduce(packed, group=dp_group)
     packed = packed.cpu()
-    dp = dist.get_world_size(dp_group)
     losses = {}
     for index, key in enumerate(LOSS_KEYS):
         total, count = float(packed[2 * index]), float(packed[2 * index + 1])
-        losses[key] = total / count if count > 0 else float("nan") if total != 0 else 0.0
+        losses[key] = total / count if count > 0 else 0.0
     if not per_token:
         losses["lm loss"] = float(packed[2 * len(LOSS_KEYS)]) / (num_microbatches * dp)
     global_stats = BatchStats.from_tensor(packed[2 * len(LOSS_KEYS) + 1:])
@@ -168,7 +162,7 @@ class MetricsLogger:
             f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {last.iteration:8d}/{self.args.train_iters:8d}",
             f"consumed samples: {last.consumed_samples:12d}",
             f"elapsed time per iteration (ms): {1000 * elapsed:.1f}",
-            f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}",
+            f"throughput per GPU (TFLOP/s/GPU): {tflops:.2f}",
         ]
         if self.peak:
             parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")

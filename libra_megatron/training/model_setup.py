@@ -61,6 +61,9 @@ def wrap_model_chunks(chunks: List[torch.nn.Module], args: argparse.Namespace, c
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
+        # Megatron-LM's default: the schedules dispatch the param all-gathers (config.param_sync_func below);
+        # without it the forward pre-hooks dispatch them too and a bucket is started twice.
+        align_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         bucket_size=None if not args.overlap_grad_reduce else 40_000_000,
     )

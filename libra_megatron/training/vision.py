@@ -22,13 +22,22 @@ def is_tiny_spec(spec: str) -> bool:
     return spec == "tiny" or spec.startswith("tiny:")
 
 
+def is_random_spec(spec: str) -> bool:
+    """Whether ``--image-tokenizer`` asks for random weights in the real geometry (``random:SEED``; benchmarks)."""
+    return spec == "random" or spec.startswith("random:")
+
+
 def load_image_tokenizer(spec: str) -> Any:
     """The :class:`ImageTokenizer` named by ``--image-tokenizer`` (on CPU, fp32, frozen)."""
     from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
 
+    seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
     if is_tiny_spec(spec):
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         return ImageTokenizer.tiny(seed).frozen()
+    if is_random_spec(spec):  # ViT-L/14-336 geometry, random weights: throughput and memory benchmarks only
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ImageTokenizer().frozen()
     if not os.path.isdir(spec):
         raise ValueError(f"--image-tokenizer: folder not found: {spec}")
     return ImageTokenizer.from_pretrained(spec).frozen()

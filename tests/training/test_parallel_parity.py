@@ -4,7 +4,8 @@ All runs start from one TP=1 checkpoint of the tiny Libra model (``--pretrained-
 from converted LLaMA weights), train on the same mock samples in fp32, and must agree to 1e-5:
 
 * 5 steps at TP=2, PP=2 (4 micro-batches of 2 > 2 stages, 1F1B), PP=2 x VPP=2 (interleaved) and DP=2 with the
-  distributed optimizer equal TP=1 step for step (losses and grad norms);
+  distributed optimizer (with overlapped grad reduce and param gather) equal TP=1 step for step (losses and
+  grad norms);
 * the TP=2 run saves at step 5 and goes on to step 7; loading that step-5 checkpoint at TP=1 and at PP=2 and
   training two more steps gives the TP=2 run's losses on the same batches (model, optimizer and schedule reshard).
 """
@@ -53,8 +54,9 @@ def runs(tmp_path_factory) -> Dict[str, List[List[Dict]]]:
     out["pp2_vpp2"] = run_on_ranks(_train, world_size=2, pp=2, vpp=2, args=(
         start + ["--train-iters", "5", "--pipeline-model-parallel-size", "2",
                  "--virtual-pipeline-model-parallel-size", "2"], 2))
-    out["dp2_distopt"] = run_on_ranks(_train, world_size=2, args=(
-        start + ["--train-iters", "5", "--use-distributed-optimizer"], 2))
+    out["dp2_distopt"] = run_on_ranks(_train, world_size=2, args=(  # the 7B recipe's DP flags
+        start + ["--train-iters", "5", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                 "--overlap-param-gather"], 2))
     resume = ["--load", str(root / "tp2"), "--ckpt-step", "5", "--train-iters", "7"]
     out["tp2_to_tp1"] = run_on_ranks(_train, world_size=1, args=(resume, 1))
     out["tp2_to_pp2"] = run_on_ranks(_train, world_size=2, pp=2, args=(
