@@ -2,15 +2,16 @@
 
 Step ``k`` of a run consumes global samples ``[c, c + GBS)`` where ``c`` = samples consumed before it. They are
 taken in chunks of ``MBS x DP``; DP rank ``r`` reads slice ``r`` of each chunk as one micro-batch (Megatron-LM's
-``MegatronPretrainingSampler``). Every rank of a model-parallel group reads the same micro-batches itself (random
-access into mmap'ed binaries is cheap, and the page cache is shared on a node), so no batch broadcast is needed and
-every pipeline stage has the routing indices and positions it needs. After a resume the stream restarts at the
+``MegatronPretrainingSampler``, implemented by the data package's ``ResumableBatchSampler``). Every rank of a
+model-parallel group reads the same micro-batches itself (random access into mmap'ed binaries is cheap, and the
+page cache is shared on a node), so no batch broadcast is needed and every pipeline stage has the routing indices
+and positions it needs. After a resume the stream restarts at the
 checkpoint's consumed-sample count, so the run sees exactly the samples an uninterrupted run would.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -19,40 +20,18 @@ import torch
 HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids"})
 
 
-class DataParallelSlices(torch.utils.data.Sampler):
-    """Yields, per micro-batch, the global sample indices of one DP rank, starting at ``consumed_samples``."""
-
-    def __init__(self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 total_samples: int | None = None) -> None:
-        self.consumed, self.mbs, self.rank, self.size = consumed_samples, micro_batch_size, dp_rank, dp_size
-        self.total = total_samples
-
-    def __iter__(self) -> Iterator[List[int]]:
-        chunk = self.mbs * self.size
-        start = self.consumed
-        while self.total is None or start + chunk <= self.total:
-            first = start + self.rank * self.mbs
-            yield list(range(first, first + self.mbs))
-            start += chunk
-
-    def __len__(self) -> int:
-        if self.total is None:
-            return 2**62
-        return max(0, (self.total - self.consumed) // (self.mbs * self.size))
-
-
 def dataset_files(prefix: str) -> List[str]:
     """Files one ``--data-path`` prefix needs (tools/preprocess_images.py output: binaries + sidecar)."""
     return [prefix + ".bin", prefix + ".idx", prefix + ".json"]
 
 
-def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, Optional[int]]:
-    """The training dataset and its sample count (None = unbounded): ``--mock-data`` samples, or the
-    preprocessed binaries of ``--data-path`` (blended by weight, ``train_iters x global batch`` samples)."""
+def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, int]:
+    """The training dataset and its sample count (``train_iters x global batch``): ``--mock-data`` samples, or the
+    preprocessed binaries of ``--data-path`` (blended by weight)."""
     if args.mock_data:
         from libra_megatron.training.mock_data import MockPretrainDataset
 
-        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed), None
+        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed), args.train_iters * args.global_batch_size
     from libra_megatron.data.dataset import LibraDataset, LibraDatasetConfig
 
     weights = [weight for weight, _ in args.data_blend]
@@ -69,13 +48,14 @@ def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, Opti
 class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
-    def __init__(self, dataset: Any, total_samples: Optional[int], args: argparse.Namespace, consumed_samples: int,
+    def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
                  dp_rank: int, dp_size: int, vocab: Any) -> None:
-        from libra_megatron.data.dataset import collate_batch
+        from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
 
         self.num_microbatches = args.num_microbatches
         self.vocab = vocab
-        sampler = DataParallelSlices(consumed_samples, args.micro_batch_size, dp_rank, dp_size, total_samples)
+        total_samples = max(total_samples, consumed_samples)
+        sampler = ResumableBatchSampler(total_samples, consumed_samples, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batch,

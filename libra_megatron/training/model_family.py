@@ -184,14 +184,3 @@ def masked_sum_and_count(per_position: torch.Tensor, mask: torch.Tensor) -> torc
     """``[sum of per_position over mask, count]`` as a float tensor of 2 (a Megatron loss report entry)."""
     mask = mask.to(per_position.dtype)
     return torch.stack([(per_position.float() * mask.float()).sum(), mask.float().sum()])
-
-
-def sum_reports(reports: List[Dict[str, torch.Tensor]], keys: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
-    """Sum ``[sum, count]`` entries of several micro-batch reports."""
-    keys = list(keys or LOSS_KEYS)
-    total = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
-    for report in reports:
-        for key in keys:
-            if key in report:
-                total[key] += report[key].detach().double().cpu()
-    return total

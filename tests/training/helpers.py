@@ -4,18 +4,18 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 BASE_FLAGS = [
-    "--model-family", "gpt", "--model", "gpt-tiny", "--seq-length", "16", "--mock-data", "--num-workers", "0",
+    "--model-family", "gpt", "--model", "gpt-tiny", "--seq-length", "16", "--num-workers", "0",
     "--lr", "1e-2", "--lr-warmup-iters", "0", "--seed", "1234", "--log-interval", "1",
 ]
 
 
-def make_args(flags: Sequence[str], world_size: int):
-    """Parsed and validated flags for a tiny run on ``world_size`` ranks."""
+def make_args(flags: Sequence[str], world_size: int, mock_data: bool = True):
+    """Parsed and validated flags for a tiny run on ``world_size`` ranks (``--mock-data`` unless told not to)."""
     from libra_megatron.training.arguments import parse_args, validate_args
     from libra_megatron.training.data import dataset_files
     from libra_megatron.training.model_family import get_family
 
-    args = parse_args(list(BASE_FLAGS) + list(flags))
+    args = parse_args(list(BASE_FLAGS) + (["--mock-data"] if mock_data else []) + list(flags))
     return validate_args(args, world_size, get_family(args.model_family).shape(args), dataset_files)
 
 
