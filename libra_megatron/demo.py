@@ -188,16 +188,17 @@ def main(argv: List[str] | None = None) -> int:
     exact, words, total_words = 0, 0, 0
     print(f"{'image':<18} {'true caption':<31} generated")
     for row, result in zip(heldout, lines):
-        text = " ".join((result.get("text") or result.get("output") or "").split())
         truth = row["caption"].split()
-        guess = text.split()[:len(truth)]
+        generated = (result.get("text") or result.get("output") or "").split()
+        guess = generated[:len(truth)]
+        if len(guess) == len(truth) and guess[-1] != truth[-1] and guess[-1].startswith(truth[-1]):
+            guess[-1] = truth[-1]  # ran on into the next caption without a space ("topa blue ...")
         exact += int(guess == truth)
         words += sum(a == b for a, b in zip(guess, truth))
         total_words += len(truth)
-        rest = " ..." if len(text.split()) > len(guess) else ""
-        print(f"{row['image']:<18} {row['caption']:<31} {' '.join(guess)}{rest}")
+        print(f"{row['image']:<18} {row['caption']:<31} {' '.join(guess)}{' ...' if len(generated) > len(guess) else ''}")
     print("(a Libra base model never learns to stop: pretraining has no EOS target, as in the reference; the "
-          "caption is read up to the true caption's length)")
+          "output is read up to the true caption's length)")
     print(f"\nheld-out captions: {exact}/{len(heldout)} exact, {words}/{total_words} words in place; "
           f"demo finished in {time.time() - start:.0f} s (outputs in {out})")
     return 0
