@@ -13,16 +13,13 @@ import torch.nn.functional as F
 
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
+from tests.fixtures import LIBRA_7B_SHAPES_JSON
 from tests.hf_modeling.tiny import IMAGE_LEN, TEXT_VOCAB, mixed_batch, tiny_config, tiny_model
 
-SHAPES_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "spec", "libra-7b-state-dict-shapes.json")
 
 
 def _shapes_file() -> str:
-    for candidate in (SHAPES_JSON, "/work/shared/spec/libra-7b-state-dict-shapes.json"):
-        if os.path.exists(candidate):
-            return candidate
-    pytest.skip("libra-7b-state-dict-shapes.json not available")
+    return LIBRA_7B_SHAPES_JSON
 
 
 def test_7b_meta_model_has_exactly_the_released_keys_and_shapes():

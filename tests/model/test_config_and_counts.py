@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from tests.distributed import run_on_ranks
 
-SHAPES_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "spec", "libra-7b-state-dict-shapes.json")
+from tests.fixtures import LIBRA_7B_SHAPES_JSON as SHAPES_JSON
 
 
 def test_presets_and_derived_sizes() -> None:
