@@ -171,6 +171,7 @@ class RowPlan:
     segments: Optional[List[Segment]] = None
     permutation: Optional[Tensor] = None
     inverse_permutation: Optional[Tensor] = None
+    batch: int = 0  # b of the [s, b, ...] activations these rows come from (0: only flat rows are accepted)
 
     @property
     def text_index(self) -> Tensor:
@@ -241,11 +242,13 @@ class RowPlan:
             return self
         return RowPlan(self.num_rows, self.num_text, self.num_vision, None,
                        self.permutation.to(device, non_blocking=True),
-                       self.inverse_permutation.to(device, non_blocking=True))
+                       self.inverse_permutation.to(device, non_blocking=True), self.batch)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:
-        if x.dim() >= 2 and x.shape[0] != self.num_rows and x.shape[0] * x.shape[1] == self.num_rows:
+        # [s, b, ...] activations -> [s*b, ...] rows; decided by the known batch size, so b = 1 ([s, 1, ...]) is
+        # flattened too while flat rows [s*b, ...] (any tail) pass unchanged
+        if self.batch and x.dim() >= 2 and x.shape[1] == self.batch and x.shape[0] * self.batch == self.num_rows:
             x = x.reshape(self.num_rows, *x.shape[2:])
         if x.shape[0] != self.num_rows:
             raise ValueError(f"routing expects {self.num_rows} rows, got a tensor of shape {tuple(x.shape)}")
@@ -365,6 +368,7 @@ class ModalityRouting:
                 causal = torch.ones(seq, seq, dtype=torch.bool).tril()
                 mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [B, L, L]
                 mask = mask.unsqueeze(1).to(device, non_blocking=True)
+        full.batch = local.batch = batch
 
         num_images = int((vi == 0).sum())
         clip_rows = _clip_rows(vi, full, vocab)

@@ -98,11 +98,12 @@ LAYOUTS = {
     "text_only": [[40], [40]],
     "right_padding": [[5, "img", 15], [5, "img", 7]],
     "mixed_offsets": [[2, "img", 18], [9, "img", 11]],
+    "single_sample": [[1, "img", 12]],  # micro-batch size 1
 }
 
 
 def make_batch(layout: str, T: int = 512, seed: int = 0, packed: bool = False, drop: float = 0.1) -> dict:
-    """A micro-batch of two samples in ``layout`` (padded on the right with pad id 0, labels -100 there).
+    """A micro-batch of the samples of ``layout`` (two, or one for ``single_sample``) (padded on the right with pad id 0, labels -100 there).
 
     ``packed``: each row holds two samples (positions restart, ``segment_ids`` 1 and 2).
     """

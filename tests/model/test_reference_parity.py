@@ -27,6 +27,8 @@ CASES: List[Tuple[str, bool, bool]] = [
     ("text_only", False, False),
     ("right_padding", False, False),
     ("mixed_offsets", False, False),  # layouts differ -> index plan
+    ("single_sample", False, False),
+    ("single_sample", False, True),
     ("image_mid", True, False),  # packed samples -> index plan with block-diagonal mask
     ("two_images", False, True),
     ("right_padding", False, True),
