@@ -10,7 +10,6 @@ with several, ``--merge`` joins the parts once every rank is done.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -101,13 +100,9 @@ def load_image_tokenizer(config: PreprocessConfig, device: torch.device, dtype: 
     else:
         model = it.ImageTokenizer.from_released(config.image_tokenizer, clip_folder=config.clip_model)
         name = "released:" + os.path.basename(config.image_tokenizer.rstrip("/"))
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    weights_sha256 = model.weights_sha256()
     model = model.frozen().to(device=device, dtype=dtype)
-    identity = {"name": name, "weights_sha256": digest.hexdigest(), "device_type": device.type,
+    identity = {"name": name, "weights_sha256": weights_sha256, "device_type": device.type,
                 "dtype": str(dtype).replace("torch.", ""), "codebook_size": model.config.codebook_size,
                 "num_codebooks": model.num_codebooks, "num_patches": model.num_patches}
     return model, identity

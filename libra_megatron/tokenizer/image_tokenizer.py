@@ -20,6 +20,7 @@ that cannot clash with an HF model's files in the same folder); :meth:`from_rele
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -226,6 +227,16 @@ class ImageTokenizer(nn.Module):
         return reconstruction, aux_loss, breakdown, indices.permute(2, 0, 1)
 
     # ------------------------------------------------------------------------------------------------ files
+    def weights_sha256(self) -> str:
+        """Identity digest of the weights (sorted keys, dtype, raw bytes): what a dataset's sidecar records as
+        ``image_tokenizer.weights_sha256`` and what training checks the tokenizer it loads against."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
         """Write ``vision_tokenizer.safetensors`` and ``vision_tokenizer_config.json`` into ``folder`` (atomically)."""
         folder = os.fspath(folder)

@@ -9,7 +9,6 @@ tokenizer of tests and the CPU demo; it must be the tokenizer that produced the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from typing import Any, Dict
@@ -72,24 +71,13 @@ def clip_forward_flops(geometry: Dict[str, int], images: int) -> float:
     return images * (geometry["blocks"] * per_block + patch_embed)
 
 
-def tokenizer_weights_sha256(tokenizer: Any) -> str:
-    """The image tokenizer's identity digest, computed as ``libra_megatron/data/preprocess.py`` records it in a
-    dataset's sidecar (``image_tokenizer.weights_sha256``): sorted keys, dtype, raw bytes."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(tokenizer.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_tokenizer_matches_data(tokenizer: Any, args: argparse.Namespace) -> None:
     """Refuse to train when ``--image-tokenizer`` is not the tokenizer that wrote the image codes of the data."""
     if args.mock_data or not getattr(args, "data_blend", None):
         return
     from libra_megatron.data.sidecar import read_sidecar, sidecar_path
 
-    ours = tokenizer_weights_sha256(tokenizer)
+    ours = tokenizer.weights_sha256()
     for _, prefix in args.data_blend:
         recorded = (read_sidecar(prefix).get("image_tokenizer") or {}).get("weights_sha256")
         if recorded is not None and recorded != ours:
