@@ -13,7 +13,8 @@
 # eps 1e-8, weight decay 0.01 (not on norms/biases), cosine to 0 with 5% warmup; grad clip 1.0; bf16; seed 42.
 # PRETRAINED is LLaMA-2-7B-chat converted to an engine checkpoint with the vision parameters initialised
 # (tools/convert_checkpoint.py hf-llama -> engine); IMAGE_TOKENIZER is the frozen CLIP/LFQ tokenizer that also
-# tokenised DATA_PATH (tools/preprocess_images.py).
+# tokenised DATA_PATH (tools/preprocess_images.py). Optional VALID_DATA_PATH (e.g. COCO-Karpathy val, preprocessed
+# the same way): validation loss every 200 steps over 10 global batches, as the reference evaluated.
 #
 # Parallel layout for 80 GB GPUs (A100/H100-80GB; H200 has more room): TP=1, PP=1, DP = all GPUs, micro-batch 4,
 # distributed optimizer, no activation recompute. Why (numbers from --dry-run, 64 GPUs):
@@ -83,6 +84,9 @@ DATA_ARGS=(
     --data-cache-path "${CHECKPOINT_DIR}/data-cache"
     --num-workers 4
 )
+if [ -n "${VALID_DATA_PATH:-}" ]; then
+    DATA_ARGS+=(--valid-data-path "$VALID_DATA_PATH" --eval-interval 200 --eval-iters 10)
+fi
 CHECKPOINT_ARGS=(
     --pretrained-checkpoint "$PRETRAINED"
     --load "$CHECKPOINT_DIR"

@@ -96,6 +96,19 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-cache-path", default=None,
                        help="shared folder for the sample-order cache (rank 0 builds it, every rank mmaps it)")
     group.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    group.add_argument("--valid-data-path", nargs="*", default=None,
+                       help="validation dataset prefixes (same format and weights syntax as --data-path, e.g. "
+                            "COCO-Karpathy val through tools/preprocess_images.py); --mock-data has its own")
+
+
+def _add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument("--eval-interval", type=int, default=None,
+                       help="evaluate the validation loss every N iterations (and at the end of training)")
+    group.add_argument("--eval-iters", type=int, default=0,
+                       help="global batches per evaluation; > 0 without --eval-interval evaluates at the end only")
+    group.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                       help="also write the validation perplexities to TensorBoard")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(parser)
     _add_training_args(parser)
     _add_data_args(parser)
+    _add_evaluation_args(parser)
     _add_checkpoint_args(parser)
     _add_logging_args(parser)
     return parser
@@ -178,7 +192,7 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _split_data_path(data_path: List[str]) -> List[tuple]:
+def _split_data_path(data_path: List[str], flag: str = "--data-path") -> List[tuple]:
     """'w1 p1 w2 p2' -> [(w1, p1), ...]; a list of plain prefixes gets weight 1 each."""
     def is_number(text: str) -> bool:
         try:
@@ -188,14 +202,25 @@ def _split_data_path(data_path: List[str]) -> List[tuple]:
             return False
 
     if len(data_path) >= 2 and is_number(data_path[0]):
-        _check(len(data_path) % 2 == 0, f"--data-path: weights and prefixes must alternate, got {data_path}")
+        _check(len(data_path) % 2 == 0, f"{flag}: weights and prefixes must alternate, got {data_path}")
         pairs = [(float(data_path[i]), data_path[i + 1]) for i in range(0, len(data_path), 2)]
-        _check(all(w > 0 for w, _ in pairs), f"--data-path: weights must be positive, got {data_path}")
+        _check(all(w > 0 for w, _ in pairs), f"{flag}: weights must be positive, got {data_path}")
         return pairs
     return [(1.0, prefix) for prefix in data_path]
 
 
+def _check_files(blend: List[tuple], flag: str, dataset_files: Any) -> None:
+    for _, prefix in blend:
+        for path in dataset_files(prefix):
+            _check(os.path.isfile(path), f"{flag}: file not found: {path} (from prefix '{prefix}')")
+
+
 def _validate_data(args: argparse.Namespace, dataset_files: Any) -> None:
+    args.valid_blend = None
+    if args.valid_data_path:
+        _check(not args.mock_data, "--valid-data-path cannot be combined with --mock-data (which validates on its "
+                                   "own synthetic stream)")
+        args.valid_blend = _split_data_path(args.valid_data_path, "--valid-data-path")
     if args.mock_data:
         return
     _check(bool(args.data_path), "--data-path is required (dataset prefixes written by tools/preprocess_images.py), "
@@ -203,9 +228,22 @@ def _validate_data(args: argparse.Namespace, dataset_files: Any) -> None:
     args.data_blend = _split_data_path(args.data_path)
     if args.dry_run:  # planning on a machine without the corpus
         return
-    for _, prefix in args.data_blend:
-        for path in dataset_files(prefix):
-            _check(os.path.isfile(path), f"--data-path: file not found: {path} (from prefix '{prefix}')")
+    _check_files(args.data_blend, "--data-path", dataset_files)
+    if args.valid_blend:
+        _check_files(args.valid_blend, "--valid-data-path", dataset_files)
+
+
+def _validate_evaluation(args: argparse.Namespace) -> None:
+    """--eval-interval / --eval-iters need each other's sense and a validation source (run after the data)."""
+    _check(args.eval_iters >= 0, "--eval-iters must be >= 0")
+    if args.eval_interval is not None:
+        _check(args.eval_interval > 0, "--eval-interval must be > 0")
+        _check(args.eval_iters > 0, f"--eval-interval {args.eval_interval} needs --eval-iters > 0 (global batches "
+                                    "per evaluation)")
+    if args.eval_iters > 0:
+        _check(args.mock_data or bool(args.valid_blend),
+               f"--eval-iters {args.eval_iters} needs a validation set: --valid-data-path (prefixes written by "
+               "tools/preprocess_images.py, e.g. from COCO-Karpathy val), or --mock-data")
 
 
 def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: Dict[str, int]) -> None:
@@ -287,6 +325,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     _validate_schedule(args)
     _validate_checkpointing(args)
     _validate_data(args, dataset_files)
+    _validate_evaluation(args)
     if args.model_family == "libra" and not args.dry_run:
         _check(args.image_tokenizer is not None, "--image-tokenizer is required for the Libra model (the frozen "
                                                  "CLIP tower makes the continuous features), e.g. 'tiny:0' on CPU")

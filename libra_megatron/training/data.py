@@ -32,17 +32,37 @@ def build_train_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, int]
         from libra_megatron.training.mock_data import MockPretrainDataset
 
         return MockPretrainDataset(vocab, args.seq_length, seed=args.seed), args.train_iters * args.global_batch_size
+    dataset = _blended_dataset(args, args.data_blend, args.train_iters * args.global_batch_size, vocab)
+    return dataset, len(dataset)
+
+
+# --mock-data validation draws from another seed than training, so it is a held-out stream of the same task.
+MOCK_VALID_SEED_OFFSET = 7919
+
+
+def build_valid_dataset(args: argparse.Namespace, vocab: Any) -> Tuple[Any, int]:
+    """The validation dataset and the samples one evaluation reads (``eval_iters x global batch``): the binaries
+    of ``--valid-data-path`` (blended by weight, ordered by ``--data-seed`` like training), or with
+    ``--mock-data`` a synthetic stream disjoint from the training one (another seed)."""
+    samples = args.eval_iters * args.global_batch_size
+    if args.mock_data:
+        from libra_megatron.training.mock_data import MockPretrainDataset
+
+        return MockPretrainDataset(vocab, args.seq_length, seed=args.seed + MOCK_VALID_SEED_OFFSET), samples
+    return _blended_dataset(args, args.valid_blend, samples, vocab), samples
+
+
+def _blended_dataset(args: argparse.Namespace, blend: List[Tuple[float, str]], num_samples: int, vocab: Any) -> Any:
     from libra_megatron.data.dataset import LibraDataset, LibraDatasetConfig
 
-    weights = [weight for weight, _ in args.data_blend]
+    weights = [weight for weight, _ in blend]
     config = LibraDatasetConfig(
-        prefixes=[prefix for _, prefix in args.data_blend], seq_length=args.seq_length,
-        weights=weights if len(weights) > 1 else None, num_samples=args.train_iters * args.global_batch_size,
+        prefixes=[prefix for _, prefix in blend], seq_length=args.seq_length,
+        weights=weights if len(weights) > 1 else None, num_samples=num_samples,
         seed=args.data_seed if args.data_seed is not None else args.seed, packing=args.packing,
         cache_dir=args.data_cache_path,
     )
-    dataset = LibraDataset(config, vocab=vocab)
-    return dataset, len(dataset)
+    return LibraDataset(config, vocab=vocab)
 
 
 class MicroBatchStream:

@@ -3,7 +3,8 @@
 One step: zero DDP grad buffers → ``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved, chosen by
 the parallel state) over ``num_microbatches`` micro-batches of this DP rank → agree across all ranks whether any
 loss was non-finite → ``optimizer.step()`` (grad clipping inside) → scheduler step (in samples). The frozen CLIP
-tower runs inside the forward step on the first pipeline stage only.
+tower runs inside the forward step on the first pipeline stage only. Validation (``evaluation.py``) runs after the
+steps ``evaluation_due`` names, on every rank, without touching the training stream or RNG.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ class Trainer:
                                        parallel_state.get_data_parallel_rank(),
                                        parallel_state.get_data_parallel_world_size(), self.vocab)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
+        self.valid_stream = self._build_valid_stream() if args.eval_iters > 0 else None
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
 
@@ -169,6 +171,24 @@ class Trainer:
             return load_checkpoint(source, self.model, self.optimizer, self.scheduler, args, weights_only=True)
         return ResumeState()
 
+    def _build_valid_stream(self):
+        from megatron.core import parallel_state
+
+        from libra_megatron.training.data import build_valid_dataset
+        from libra_megatron.training.evaluation import ValidationStream
+
+        dataset, samples = build_valid_dataset(self.args, self.vocab)
+        return ValidationStream(dataset, samples, self.args, parallel_state.get_data_parallel_rank(),
+                                parallel_state.get_data_parallel_world_size())
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        """Validation losses now (collective: call on every rank); a dict on last-stage ranks, else ``None``."""
+        from libra_megatron.training.evaluation import evaluate
+
+        if self.valid_stream is None:
+            raise RuntimeError("no validation set: pass --eval-iters > 0 (and --valid-data-path or --mock-data)")
+        return evaluate(self.forward_step, self.valid_stream, self.model, self.args)
+
     def save(self, iteration: int, consumed: int) -> None:
         """Checkpoint the current state into ``--save``."""
         from libra_megatron.training.checkpointing import save_checkpoint
@@ -180,6 +200,7 @@ class Trainer:
         this rank logged (losses only on the last pipeline stage)."""
         from megatron.core import parallel_state
 
+        from libra_megatron.training.evaluation import evaluation_due, validation_fields
         from libra_megatron.training.metrics import StepRecord, reduce_step_losses
 
         args = self.args
@@ -188,6 +209,7 @@ class Trainer:
         signals = _SignalFlag(args.exit_signal_handler)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         dp_group = parallel_state.get_data_parallel_group()
+        evaluated_at = None
         try:
             while iteration < args.train_iters:
                 start = time.perf_counter()
@@ -211,13 +233,24 @@ class Trainer:
                 )
                 if outcome.nonfinite_samples:
                     record.extra["nonfinite_sample_ids"] = outcome.nonfinite_samples
+                validation = None
+                if evaluation_due(args, iteration):  # after the step's timing, before its checkpoint
+                    validation, evaluated_at = self.evaluate(), iteration
+                    record.extra.update(validation_fields(validation or {}))
                 self.logger.log(record, bool(outcome.nonfinite_samples))
+                self.logger.log_validation(iteration, consumed, validation)
                 self.history.append(record.as_json())
                 if args.save and args.save_interval and iteration % args.save_interval == 0:
                     self.save(iteration, consumed)
                     last_saved = iteration
                 if outcome.stop_signal or (args.exit_interval and iteration % args.exit_interval == 0):
                     break
+            if args.eval_iters > 0 and iteration >= args.train_iters and evaluated_at != iteration:
+                validation = self.evaluate()  # nothing left to train (e.g. --train-iters 0): evaluate the weights
+                self.logger.log_validation(iteration, consumed, validation, standalone=True)
+                if validation is not None:
+                    self.history.append({"iteration": iteration, "consumed_samples": consumed,
+                                         **validation_fields(validation)})
             if args.save and last_saved != iteration:
                 self.save(iteration, consumed)
         finally:

@@ -3,7 +3,8 @@
 The numbers are assembled on the last rank (it sits on the last pipeline stage, where losses exist) after one
 all-reduce over the data-parallel group of ``[loss sums and counts, token counts]``. They go to a Megatron-style
 iteration line, to TensorBoard (same tag names as Megatron-LM: ``lm loss``, ``learning-rate``, ``grad-norm``,
-``throughput``, ...) and optionally to a JSON-lines file.
+``throughput``, ...) and optionally to a JSON-lines file. Validation results (``evaluation.py``) get Megatron-LM's
+``validation loss at iteration N | lm loss value: ... | lm loss PPL: ...`` block and ``<key> validation`` tags.
 
 TFLOP/s counts *model* FLOPs of the tokens actually trained (padding excluded), per the family's accounting
 (Libra: frozen weights 4N, trainable 6N, image tokens on the low-rank expert, attention once, the frozen CLIP tower
@@ -178,6 +179,34 @@ class MetricsLogger:
             parts.append(f"mem max alloc (GB): {last.extra['mem-max-allocated-gb']:.1f}")
         parts += [f"number of skipped iterations: {self._skipped:3d}", f"number of nan iterations: {self._nan:3d}"]
         return " | ".join(parts) + " |"
+
+    def log_validation(self, iteration: int, consumed_samples: int, losses: Optional[Dict[str, float]],
+                       standalone: bool = False) -> None:
+        """Megatron-LM's validation block (``validation loss at iteration N | lm loss value: ... | lm loss PPL:
+        ... |``), TensorBoard ``<key> validation`` (+ ``vs samples``, ``ppl`` with
+        ``--log-validation-ppl-to-tensorboard``); with ``standalone`` (no step record at this iteration) also a
+        metrics-file line of its own (otherwise the fields ride on the step's line)."""
+        if not self.active or losses is None:
+            return
+        parts = [f" validation loss at iteration {iteration}"]
+        for key, value in losses.items():
+            ppl = math.exp(min(20.0, value))
+            parts += [f"{key} value: {value:.6E}", f"{key} PPL: {ppl:.6E}"]
+            if self.writer is not None:
+                self.writer.add_scalar(f"{key} validation", value, iteration)
+                self.writer.add_scalar(f"{key} validation vs samples", value, consumed_samples)
+                if self.args.log_validation_ppl_to_tensorboard:
+                    self.writer.add_scalar(f"{key} validation ppl", ppl, iteration)
+                    self.writer.add_scalar(f"{key} validation ppl vs samples", ppl, consumed_samples)
+        line = " | ".join(parts) + " |"
+        print("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1), flush=True)
+        if standalone and self._metrics_file is not None:
+            from libra_megatron.training.evaluation import validation_fields
+
+            record = {"iteration": iteration, "consumed_samples": consumed_samples, **validation_fields(losses)}
+            self._metrics_file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the writers."""

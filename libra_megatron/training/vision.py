@@ -72,13 +72,15 @@ def clip_forward_flops(geometry: Dict[str, int], images: int) -> float:
 
 
 def check_tokenizer_matches_data(tokenizer: Any, args: argparse.Namespace) -> None:
-    """Refuse to train when ``--image-tokenizer`` is not the tokenizer that wrote the image codes of the data."""
-    if args.mock_data or not getattr(args, "data_blend", None):
+    """Refuse to train when ``--image-tokenizer`` is not the tokenizer that wrote the image codes of the data
+    (training and validation sets)."""
+    blend = (getattr(args, "data_blend", None) or []) + (getattr(args, "valid_blend", None) or [])
+    if args.mock_data or not blend:
         return
     from libra_megatron.data.sidecar import read_sidecar, sidecar_path
 
     ours = tokenizer.weights_sha256()
-    for _, prefix in args.data_blend:
+    for _, prefix in blend:
         recorded = (read_sidecar(prefix).get("image_tokenizer") or {}).get("weights_sha256")
         if recorded is not None and recorded != ours:
             raise ValueError(

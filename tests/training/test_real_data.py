@@ -55,6 +55,16 @@ def test_trains_on_preprocessed_binaries(corpus) -> None:
         assert json.load(handle)["counts"]["samples"] == 12
 
 
+def test_validates_on_preprocessed_binaries(corpus) -> None:
+    (history,) = run_on_ranks(_train, world_size=1, args=(["--data-path", corpus["prefix"], "--image-tokenizer",
+                                                             corpus["vision0"], "--valid-data-path", corpus["prefix"],
+                                                             "--eval-interval", "2", "--eval-iters", "1"],))
+    assert [r["consumed_samples"] for r in history] == [4, 8, 12]
+    validated = [r["iteration"] for r in history if "validation_lm_loss" in r]
+    assert validated == [2, 3]
+    assert all(r["validation_text_loss"] > 0 and r["validation_image_loss"] > 0 for r in history[1:])
+
+
 def test_refuses_a_different_image_tokenizer(corpus) -> None:
     with pytest.raises(RankFailure, match=r"is not the tokenizer that preprocessed .*shapes"):
         run_on_ranks(_train, world_size=1, args=(["--data-path", corpus["prefix"],
