@@ -4,8 +4,6 @@ The engine <-> HF name map builds on this (see ``engine_map`` below once the eng
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -17,7 +15,7 @@ from libra_megatron.checkpoint.hf_writer import (
     released_config_dict,
     write_export_metadata,
 )
-from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader
+from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader, read_config_json
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 
 # config.json fields of the release (spec §1.1) that a LibraConfig carries
@@ -93,12 +91,7 @@ def constant_buffers(config: LibraConfig) -> Dict[str, torch.Tensor]:
 
 def load_hf_libra_config(folder: str) -> LibraConfig:
     """``LibraConfig`` from ``<folder>/config.json`` (released or exported); errors name the file and field."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as handle:
-            raw = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable config ({err})") from err
+    path, raw = read_config_json(folder)
     if raw.get("model_type") != "libra":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'libra'")
     fields = {k: v for k, v in raw.items() if k in RELEASED_CONFIG_FIELDS}

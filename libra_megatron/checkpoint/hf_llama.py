@@ -18,13 +18,12 @@ A LLaMA-2 checkpoint has exactly Libra's text parameters under the same names (`
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Dict, List, Tuple
 
 import torch
 
-from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader
+from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader, read_config_json
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 
 
@@ -85,12 +84,7 @@ LLAMA_TO_LIBRA_FIELDS = {  # LLaMA config.json field -> LibraConfig field that m
 
 def read_llama_config(folder: str) -> Dict[str, object]:
     """The LLaMA ``config.json`` of ``folder`` (errors name the file)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable LLaMA config ({err})") from err
+    path, config = read_config_json(folder, "LLaMA config")
     if config.get("model_type") not in ("llama", None):
         raise CheckpointError(f"{path}: model_type is {config.get('model_type')!r}, expected 'llama'")
     return config

@@ -35,6 +35,16 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+def read_config_json(folder: str, what: str = "config") -> Tuple[str, Dict]:
+    """``(path, dict)`` of ``<folder>/config.json``; an unreadable file is a :class:`CheckpointError` naming it."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as handle:
+            return path, json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable {what} ({err})") from err
+
+
 def read_safetensors_header(path: str) -> Dict[str, TensorInfo]:
     """Parse a safetensors header and check the file holds every byte the header promises."""
     try:
