@@ -72,11 +72,9 @@ def load_weights_only(path: str) -> Dict[str, torch.Tensor]:
         reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)
         raise ValueError(
             f"refusing to load {path!r}: it is not loadable with torch.load(weights_only=True) ({reason}). "
-            "libra-megatron never unpickles arbitrary objects from a file. In an environment you trust, extract the "
-            "tensors once: python -c \"import torch, safetensors.torch as s; "
-            "sd = torch.load('vqgan.ckpt', map_location='cpu', weights_only=False)['state_dict']; "
-            "s.save_file({k: v.contiguous() for k, v in sd.items()}, 'vqgan.safetensors')\" "
-            "and set params.ckpt_path to vqgan.safetensors (or pass that file to tools/convert_vision_tokenizer.py)."
+            "libra-megatron never unpickles arbitrary objects from a file. If you trust the file, convert it once "
+            "outside libra-megatron: save the tensors of its 'state_dict' with safetensors as vqgan.safetensors, "
+            "then set params.ckpt_path to vqgan.safetensors (or pass that file to tools/convert_vision_tokenizer.py)."
         ) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
