@@ -239,6 +239,7 @@ class Trainer:
         """
         from libra_megatron.training.evaluation import evaluation_due, validation_fields
         from libra_megatron.training.observability import gather_timer_times, timed
+        from libra_megatron.training.padding import step_seq_length
 
         args = self.args
         iteration, consumed = self.resume.iteration, self.resume.consumed_samples
@@ -264,6 +265,7 @@ class Trainer:
                 boundary = (iteration % args.log_interval == 0 or iteration >= args.train_iters or evaluate_now
                             or save_now or stop_now)
                 self._pending.append(_PendingStep(iteration, consumed, lr, outcome, stats))
+                self._pending[-1].extra["seq_length"] = step_seq_length(micro_batches)  # after dynamic padding
                 times = None
                 if boundary:
                     self._resolve_pending()  # the interval's one host sync, so the step time below is complete
