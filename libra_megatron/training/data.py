@@ -11,7 +11,7 @@ checkpoint's consumed-sample count, so the run sees exactly the samples an unint
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -69,13 +69,14 @@ class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
     def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
-                 dp_rank: int, dp_size: int, vocab: Any) -> None:
+                 dp_rank: int, dp_size: int, vocab: Any, check: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler
         from libra_megatron.training.padding import build_collate
 
         self.num_microbatches = args.num_microbatches
         self.vocab = vocab
         self.pipeline_parallel = args.pipeline_model_parallel_size
+        self.check = check
         total_samples = max(total_samples, consumed_samples)
         sampler = ResumableBatchSampler(total_samples, consumed_samples, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
@@ -100,6 +101,8 @@ class MicroBatchStream:
             raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
         stats = BatchStats()
         for batch in batches:
+            if self.check is not None:
+                self.check(batch)
             stats.add(batch_stats(batch, self.vocab))
         batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)
         if self.device is not None:

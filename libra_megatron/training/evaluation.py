@@ -33,7 +33,7 @@ class ValidationStream:
     """
 
     def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
-                 vocab: Any = None) -> None:
+                 vocab: Any = None, check: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
         from libra_megatron.training.padding import build_collate
 
@@ -50,7 +50,7 @@ class ValidationStream:
             generator=torch.Generator().manual_seed(args.seed),
         )
         self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
-        self.vocab, self.pipeline_parallel = vocab, args.pipeline_model_parallel_size
+        self.vocab, self.pipeline_parallel, self.check = vocab, args.pipeline_model_parallel_size, check
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
@@ -64,6 +64,8 @@ class ValidationStream:
             except StopIteration:
                 raise RuntimeError("the validation dataset ran out of samples (it holds --eval-iters x "
                                    "--global-batch-size)")
+            for batch in batches if self.check is not None else []:
+                self.check(batch)
             if self.vocab is not None:
                 batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)
             if self.device is not None:

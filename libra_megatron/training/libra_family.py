@@ -46,7 +46,23 @@ def _build_config(args: argparse.Namespace) -> Any:
     overrides = parallel_config_kwargs(args)
     if args.num_layers is not None:
         overrides["num_layers"] = args.num_layers
+    # The training streams run the same checks on the host copy of every micro-batch (_check_batch), so the model
+    # does not read device tensors back (two host syncs per micro-batch) to check them again.
+    overrides["validate_inputs"] = False
     return libra_config(args.model, **overrides)
+
+
+def _check_batch(batch: Dict[str, torch.Tensor], config: Any) -> None:
+    """The model's input checks (``config.validate_inputs``) on a host micro-batch: image spans, ids per modality,
+    labels per head; ``ValueError`` names the field and the first bad position."""
+    from libra_megatron.model.embedding import check_tokens
+    from libra_megatron.model.output import check_labels
+    from libra_megatron.model.routing import check_image_spans
+
+    vision_indices = batch["vision_indices"]
+    check_image_spans(vision_indices, config.vocab)
+    check_tokens(batch["tokens"], vision_indices, config)
+    check_labels(batch["labels"], vision_indices, config.vocab)
 
 
 def _vocab(args: argparse.Namespace) -> Any:
@@ -128,5 +144,5 @@ def libra_family() -> ModelFamily:
     return ModelFamily(
         name="libra", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
         run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops, vocab=_vocab, needs_vision=True,
-        build_vision=_build_vision,
+        build_vision=_build_vision, check_batch=_check_batch,
     )

@@ -170,9 +170,10 @@ class Trainer:
             self.vision_encoder = family.build_vision(args)
         self.vocab = family.vocab(args)
         dataset, total_samples = build_train_dataset(args, self.vocab)
+        self.check_batch = partial(family.check_batch, config=self.config) if family.check_batch else None
         self.stream = MicroBatchStream(dataset, total_samples, args, self.resume.consumed_samples,
                                        parallel_state.get_data_parallel_rank(),
-                                       parallel_state.get_data_parallel_world_size(), self.vocab)
+                                       parallel_state.get_data_parallel_world_size(), self.vocab, self.check_batch)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
         self.valid_stream = self._build_valid_stream() if args.eval_iters > 0 else None
         self.logger = MetricsLogger(args, active=is_last_rank())
@@ -209,7 +210,7 @@ class Trainer:
 
         dataset, samples = build_valid_dataset(self.args, self.vocab)
         return ValidationStream(dataset, samples, self.args, parallel_state.get_data_parallel_rank(),
-                                parallel_state.get_data_parallel_world_size(), self.vocab)
+                                parallel_state.get_data_parallel_world_size(), self.vocab, self.check_batch)
 
     def evaluate(self) -> Optional[Dict[str, float]]:
         """Validation losses now (collective: call on every rank); a dict on last-stage ranks, else ``None``."""

@@ -91,6 +91,9 @@ class ModelFamily:
         needs_vision: whether the first stage needs CLIP features from ``pixels``.
         build_vision: ``(args) -> callable(pixels uint8 [N,3,H,W]) -> clip features``: the frozen CLIP tower,
             built on first-stage ranks only (no grads, not in the optimizer).
+        check_batch: ``(batch, config) -> None``: validate one micro-batch on its host copy (the training streams
+            call it before the copy to the device, so the model need not sync the device to check its inputs);
+            raises ``ValueError`` naming the field and position.
     """
 
     name: str
@@ -104,6 +107,7 @@ class ModelFamily:
     vocab: Callable[[argparse.Namespace], Any]
     needs_vision: bool = False
     build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
+    check_batch: Optional[Callable[[Dict[str, torch.Tensor], Any], None]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
