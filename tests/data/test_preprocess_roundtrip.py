@@ -1,5 +1,5 @@
 """Round trip: a generated corpus (several image sizes and modes, every input layout) -> preprocessing ->
-the training dataset, compared with ids, pixels and labels built by hand from spec §3.2."""
+the training dataset, compared with ids, pixels and labels built by hand from docs/architecture.md#labels."""
 import io
 import json
 
