@@ -1,4 +1,4 @@
-"""The Hugging Face Libra layout (spec §5): released keys, shapes, constant buffers and config fields.
+"""The Hugging Face Libra layout (docs/architecture.md#hf-state-dict): released keys, shapes, constant buffers and config fields.
 
 The engine <-> HF name map builds on this (see ``engine_map`` below once the engine naming is fixed).
 """
@@ -18,7 +18,7 @@ from libra_megatron.checkpoint.hf_writer import (
 from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader, read_config_json
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 
-# config.json fields of the release (spec §1.1) that a LibraConfig carries
+# config.json fields of the release (docs/architecture.md#config) that a LibraConfig carries
 RELEASED_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
@@ -73,7 +73,7 @@ def write_hf_libra(out_dir: str, config: LibraConfig, tensors: Iterable[Tuple[st
 
 
 def constant_buffers(config: LibraConfig) -> Dict[str, torch.Tensor]:
-    """Values of the released buffers: per-layer ``inv_freq`` and the four placeholders (spec §5.2)."""
+    """Values of the released buffers: per-layer ``inv_freq`` and the four placeholders (docs/architecture.md#hf-state-dict)."""
     head_dim = config.hidden_size // config.num_attention_heads
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     eoi = torch.full((1, 1, 1, config.vocab_size + config.vision_vocab_size), -float("inf"))

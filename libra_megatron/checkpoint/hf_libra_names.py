@@ -1,4 +1,4 @@
-"""Engine parameter names ⇄ HF Libra names (spec §5.2), and the tensor-parallel merge/split of every parameter.
+"""Engine parameter names ⇄ HF Libra names (docs/architecture.md#hf-state-dict), and the tensor-parallel merge/split of every parameter.
 
 Engine names are ``LibraModel.named_parameters()`` names at TP=1 with *global* layer indices
 (``decoder.layers.{i}.…``; a pipeline stage's local index ``j`` is global ``j + offset``, see
@@ -109,7 +109,7 @@ def hf_names(engine_name: str, num_codebooks: int = 2) -> Tuple[str, ...]:
 
 
 def is_trainable_in_stage(engine_name: str, stage: str) -> bool:
-    """Spec §1.9: ``pretrain`` trains the parameters whose reference names contain "vision"; ``instruct`` all."""
+    """docs/architecture.md#trainable-parameters: ``pretrain`` trains the parameters whose reference names contain "vision"; ``instruct`` all."""
     if stage == "instruct":
         return True
     if stage != "pretrain":
@@ -221,7 +221,7 @@ def split_tp(engine_name: str, full: Tensor, tp: int) -> List[Tensor]:
 
 def hf_buffers(num_layers: int, head_dim: int, text_vocab_size: int, vision_vocab_size: int, hidden_size: int,
                newline_id: int = 13, rope_base: float = 10000.0) -> Dict[str, Tensor]:
-    """The non-parameter entries of the released state dict (spec §5.2), with their values."""
+    """The non-parameter entries of the released state dict (docs/architecture.md#hf-state-dict), with their values."""
     inv_freq = 1.0 / (rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim))
     total = text_vocab_size + vision_vocab_size
     newline = torch.full((1, 1, 1, total), float("-inf"))

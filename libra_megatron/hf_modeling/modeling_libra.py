@@ -1,4 +1,4 @@
-"""Hugging Face ``LibraForCausalLM`` (spec §1.2-§1.7, §3.1, §5.2), shipped inside every libra-megatron export.
+"""Hugging Face ``LibraForCausalLM`` (docs/architecture.md#sequence-and-routing to docs/architecture.md#output-heads, docs/architecture.md#loss, docs/architecture.md#hf-state-dict), shipped inside every libra-megatron export.
 
 Self-contained: imports only ``torch`` and ``transformers`` (plus its sibling files ``configuration_libra.py`` and
 ``generation_libra.py``), so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
@@ -10,7 +10,7 @@ Inputs (as the reference):
     vision_indices   long [B, L]       0..577 inside an image, 578 (= max_vision_token_length) on text
     contiguous_signal float [B, L, 4096] CLIP features at patch positions, zeros elsewhere (None = zeros). The
                                        reference spells this key ``coninous_signal``; that name is accepted too.
-Output ``logits`` is [C, B, L, V_text + V_vis] with -inf blocks, like the reference; ``loss`` is spec §3.1.
+Output ``logits`` is [C, B, L, V_text + V_vis] with -inf blocks, like the reference; ``loss`` is docs/architecture.md#loss.
 The KV cache (:class:`LibraCache`) keeps, per layer, the keys and values as seen by text queries and by vision
 queries (the bridge deltas are already added), plus the modality history.
 """
@@ -33,7 +33,7 @@ from .generation_libra import libra_generate
 
 @dataclass
 class LibraCausalLMOutputWithPast(ModelOutput):
-    """Loss (spec §3.1), logits [C, B, L, V_text+V_vis], the cache, and optionally all hidden states."""
+    """Loss (docs/architecture.md#loss), logits [C, B, L, V_text+V_vis], the cache, and optionally all hidden states."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -49,7 +49,7 @@ class LibraCausalLMOutputWithPast(ModelOutput):
 class LibraCache:
     """Per-layer keys/values for text queries and for vision queries (RoPE and bridge applied), plus modality history.
 
-    ``key_text[i]`` is K^(T) of spec §1.5 (bridge added on vision positions), ``key_vision[i]`` is K^(V) (bridge
+    ``key_text[i]`` is K^(T) of docs/architecture.md#decoder-layer (bridge added on vision positions), ``key_vision[i]`` is K^(V) (bridge
     added on text positions); values likewise; every tensor is [B, H, S, D]. ``vision_flag`` is [B, S].
     """
 
@@ -94,7 +94,7 @@ class LibraCache:
 
 
 class _Routing:
-    """Text rows and vision rows of one forward, computed once and used by every routed op (spec §1.2)."""
+    """Text rows and vision rows of one forward, computed once and used by every routed op (docs/architecture.md#sequence-and-routing)."""
 
     def __init__(self, vision_flag: torch.Tensor) -> None:
         self.flag = vision_flag
@@ -137,7 +137,7 @@ class LibraRMSNorm(nn.Module):
 
 
 class LibraLinear(nn.Module):
-    """Factorised expert ``y = B(Ax)`` (spec §1.3): ``weight_A`` [rank, in] is applied first, ``weight_B`` [out, rank]."""
+    """Factorised expert ``y = B(Ax)`` (docs/architecture.md#low-rank-expert): ``weight_A`` [rank, in] is applied first, ``weight_B`` [out, rank]."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, is_bridge: bool = False) -> None:
         super().__init__()
@@ -154,7 +154,7 @@ class LibraLinear(nn.Module):
 
 class LibraRotaryEmbedding(nn.Module):
     """RoPE (HF ``rotate_half`` layout). ``inv_freq`` is a persistent buffer only because the released state dict has
-    it; cos/sin are always built from a fresh fp32 ``inv_freq`` (the reference's fp32 cos/sin cache, spec §1.6)."""
+    it; cos/sin are always built from a fresh fp32 ``inv_freq`` (the reference's fp32 cos/sin cache, docs/architecture.md#positions)."""
 
     def __init__(self, dim: int, base: float) -> None:
         super().__init__()
@@ -180,7 +180,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LibraAttention(nn.Module):
-    """Routed Q/K/V/O with the cross-modal K/V bridge and one softmax over all keys (spec §1.5)."""
+    """Routed Q/K/V/O with the cross-modal K/V bridge and one softmax over all keys (docs/architecture.md#decoder-layer)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int) -> None:
         super().__init__()
@@ -292,7 +292,7 @@ class LibraMLP(nn.Module):
 
 
 class LibraDecoderLayer(nn.Module):
-    """Routed pre-norm decoder layer (spec §1.5)."""
+    """Routed pre-norm decoder layer (docs/architecture.md#decoder-layer)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int) -> None:
         super().__init__()
@@ -321,7 +321,7 @@ def _causal_bias(q_len: int, kv_len: int, attention_mask: Optional[torch.Tensor]
 
 
 class LibraPreTrainedModel(PreTrainedModel):
-    """Weight init of new parameters (spec §1.8) and HF plumbing."""
+    """Weight init of new parameters (docs/architecture.md#initialisation) and HF plumbing."""
 
     config_class = LibraConfig
     base_model_prefix = "model"
@@ -361,7 +361,7 @@ def _fill_buffer(buffer: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class LibraModel(LibraPreTrainedModel):
-    """Embeddings (text + hybrid vision input, spec §1.4), decoder layers and the routed final norm."""
+    """Embeddings (text + hybrid vision input, docs/architecture.md#input-embedding), decoder layers and the routed final norm."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config)
@@ -465,7 +465,7 @@ def _check_ids(input_ids: torch.Tensor, vision_flag: torch.Tensor, cfg: LibraCon
 
 
 class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
-    """Libra decoder with the text head, the two codebook heads and the released buffers (spec §1.7, §5.2)."""
+    """Libra decoder with the text head, the two codebook heads and the released buffers (docs/architecture.md#output-heads, docs/architecture.md#hf-state-dict)."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config)
@@ -478,7 +478,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def placeholder_values(self) -> dict:
-        """The released constant buffers: zeros, the -inf logit blocks, the forced-newline row (spec §5.2)."""
+        """The released constant buffers: zeros, the -inf logit blocks, the forced-newline row (docs/architecture.md#hf-state-dict)."""
         cfg = self.config
         eoi = torch.full((1, 1, 1, cfg.vocab_size + cfg.vision_vocab_size), -float("inf"))
         eoi[..., cfg.newline_token_id] = float("inf")
@@ -535,7 +535,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ):
-        """Forward (spec §1.2-§1.7); with ``labels`` [C, B, L] (unshifted, HF convention) also the §3.1 loss."""
+        """Forward (docs/architecture.md#sequence-and-routing to docs/architecture.md#output-heads); with ``labels`` [C, B, L] (unshifted, HF convention) also the docs/architecture.md#loss loss."""
         cfg = self.config
         if contiguous_signal is None:
             contiguous_signal = kwargs.pop("coninous_signal", None)  # the reference's key name
@@ -568,7 +568,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         return LibraCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Spec §3.1: mean over the C planes of the token-mean CE of ``logits[c, :, :-1]`` against ``labels[c, :, 1:]``."""
+        """docs/architecture.md#loss: mean over the C planes of the token-mean CE of ``logits[c, :, :-1]`` against ``labels[c, :, 1:]``."""
         c = logits.shape[0]
         if labels.dim() == 2:
             labels = labels.unsqueeze(0).expand(c, -1, -1)

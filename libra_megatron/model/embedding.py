@@ -1,4 +1,4 @@
-"""Input side (spec §1.4): vocab-parallel text embedding for text rows, the hybrid image input for vision rows.
+"""Input side (docs/architecture.md#input-embedding): vocab-parallel text embedding for text rows, the hybrid image input for vision rows.
 
 Vision row p (plane ids ``id_c = tokens[c] - T`` in 0..513, CLIP feature ``f_p``, zeros for <boi>/<eoi>)::
 

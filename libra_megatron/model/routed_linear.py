@@ -44,7 +44,7 @@ from libra_megatron.config import LibraConfig
 
 
 def normal_init(std: float) -> Callable[[Tensor], Tensor]:
-    """N(0, std) initialiser (spec §1.8: every new Libra weight uses std 0.02)."""
+    """N(0, std) initialiser (docs/architecture.md#initialisation: every new Libra weight uses std 0.02)."""
 
     def init(tensor: Tensor) -> Tensor:
         return torch.nn.init.normal_(tensor, mean=0.0, std=std)

@@ -1,4 +1,4 @@
-"""The Libra image tokenizer: frozen CLIP features -> LFQ ids (encode) and ids -> images (decode), spec §2.
+"""The Libra image tokenizer: frozen CLIP features -> LFQ ids (encode) and ids -> images (decode), docs/architecture.md#image-tokenizer.
 
 Encode, per image (336x336, CLIP-normalised)::
 
@@ -11,7 +11,7 @@ Because only signs of ``u`` matter, ``encode`` applies ``quant_conv`` and ``proj
 torch and the kernel adds ``b`` and packs the signs. This *fused path is the definition* of our ids. It is not
 bit-identical to running the two maps one after the other (different rounding): the ids agree except where
 ``|u|`` is within float32 rounding of 0 (``tests/tokenizer/test_image_tokenizer.py`` bounds the difference).
-The reference itself tokenised in bf16 during training and in fp32 in its demo (spec §9.1 B8), so ids of
+The reference itself tokenised in bf16 during training and in fp32 in its demo (docs/architecture.md#reference-defects (B8)), so ids of
 near-zero logits were never stable across its own runs either.
 
 Files: :meth:`save_pretrained` writes ``vision_tokenizer.safetensors`` + ``vision_tokenizer_config.json`` (names

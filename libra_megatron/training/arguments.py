@@ -76,7 +76,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                             "token means, as the Libra reference / HF Trainer does)")
     group.add_argument("--image-loss-weight", type=float, default=1.0,
                        help="weight of image-position losses in the optimised sum (1.0 = the reference; an "
-                            "ablation knob against the ~577:20 image:caption token imbalance, spec §9.2)")
+                            "ablation knob against the ~577:20 image:caption token imbalance, docs/architecture.md#loss-weighting)")
     group.add_argument("--on-nan", default="skip", choices=["skip", "stop"],
                        help="what a non-finite loss does after it is reported: skip the update or stop the run")
     group.add_argument("--seed", type=int, default=42)

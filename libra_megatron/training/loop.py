@@ -124,7 +124,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, family: ModelFamily) -> None:
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import MicroBatchStream, build_train_dataset
+        from libra_megatron.training.data_stream import MicroBatchStream, build_train_dataset
         from libra_megatron.training.distributed import (initialize_distributed, is_last_rank, resolve_device,
                                                          set_seeds)
         from libra_megatron.training.metrics import MetricsLogger
@@ -174,7 +174,7 @@ class Trainer:
     def _build_valid_stream(self):
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import build_valid_dataset
+        from libra_megatron.training.data_stream import build_valid_dataset
         from libra_megatron.training.evaluation import ValidationStream
 
         dataset, samples = build_valid_dataset(self.args, self.vocab)

@@ -132,7 +132,7 @@ def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
-        # (shared/spec/cpu-feasibility.md, exp 4): send and receive one by one there.
+        # (docs/architecture.md#cpu-megatron): send and receive one by one there.
         batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and gloo),
     )
     if args.recompute_granularity == "full":
