@@ -89,7 +89,7 @@ def _init_megatron(device: str) -> None:
 def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool):
     from megatron.core.transformer.spec_utils import build_module
 
-    from libra_megatron.checkpoint.hf_libra_names import is_trainable_in_stage
+    from libra_megatron.model.training_stages import is_trainable_in_stage
     from libra_megatron.config import libra_config
     from libra_megatron.model.specs import get_libra_layer_spec
 

@@ -85,10 +85,6 @@ class LibraConfig(TransformerConfig):
         )
 
     @property
-    def head_dim(self) -> int:
-        return self.kv_channels
-
-    @property
     def vision_embedding_size(self) -> int:
         """Width of one codebook embedding table (hidden / C; 2048 at 7B)."""
         return self.hidden_size // self.num_codebooks

@@ -115,7 +115,7 @@ def validate_hf_to_engine(args: argparse.Namespace):
     from libra_megatron.checkpoint.safe_io import CheckpointError
 
     options = converter_args(args.model, args.num_layers, args.target_tp, args.target_pp, args.target_vpp, args.bf16)
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     shape = get_family("libra").shape(options)
     layers = args.num_layers or shape["num_layers"]

@@ -17,7 +17,7 @@ from libra_megatron.checkpoint.safe_io import CheckpointError
 
 MAX_SHARD_BYTES = 5 * 10**9  # HF's "5GB"; the released shards are 4.98/4.95/4.98/4.97/2.15 GB
 INDEX_NAME = "model.safetensors.index.json"
-MODELING_FILES = ("configuration_libra.py", "modeling_libra.py", "generation_libra.py")
+MODELING_FILES = ("configuration_libra.py", "modeling_libra.py", "cache_libra.py", "generation_libra.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # ours (ImageTokenizer.save_pretrained) and the released ones (docs/architecture.md#hf-export-layout)
 VISION_TOKENIZER_FILES = ("vision_tokenizer.safetensors", "vision_tokenizer_config.json",

@@ -1,7 +1,8 @@
-"""Hugging Face ``LibraForCausalLM`` (docs/architecture.md#sequence-and-routing to docs/architecture.md#output-heads, docs/architecture.md#loss, docs/architecture.md#hf-state-dict), shipped inside every libra-megatron export.
+"""Hugging Face ``LibraForCausalLM``, shipped inside every libra-megatron export (docs/architecture.md: the model
+from #sequence-and-routing to #output-heads, the #loss and the #hf-state-dict).
 
-Self-contained: imports only ``torch`` and ``transformers`` (plus its sibling files ``configuration_libra.py`` and
-``generation_libra.py``), so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
+Self-contained: imports only ``torch`` and ``transformers`` (plus its sibling files ``configuration_libra.py``,
+``cache_libra.py`` and ``generation_libra.py``), so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
 libra-megatron installed. The state dict has exactly the 1,103 released keys (buffers included).
 
 Inputs (as the reference):
@@ -11,7 +12,7 @@ Inputs (as the reference):
     contiguous_signal float [B, L, 4096] CLIP features at patch positions, zeros elsewhere (None = zeros). The
                                        reference spells this key ``coninous_signal``; that name is accepted too.
 Output ``logits`` is [C, B, L, V_text + V_vis] with -inf blocks, like the reference; ``loss`` is docs/architecture.md#loss.
-The KV cache (:class:`LibraCache`) keeps, per layer, the keys and values as seen by text queries and by vision
+The KV cache (:class:`LibraCache`, ``cache_libra.py``) keeps, per layer, the keys and values as seen by text queries and by vision
 queries (the bridge deltas are already added), plus the modality history.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .cache_libra import LibraCache
 from .configuration_libra import LibraConfig
 from .generation_libra import libra_generate
 
@@ -44,53 +46,6 @@ class LibraCausalLMOutputWithPast(ModelOutput):
     @property
     def past_key_values(self) -> Optional["LibraCache"]:
         return self.cache
-
-
-class LibraCache:
-    """Per-layer keys/values for text queries and for vision queries (RoPE and bridge applied), plus modality history.
-
-    ``key_text[i]`` is K^(T) of docs/architecture.md#decoder-layer (bridge added on vision positions), ``key_vision[i]`` is K^(V) (bridge
-    added on text positions); values likewise; every tensor is [B, H, S, D]. ``vision_flag`` is [B, S].
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.key_text: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.key_vision: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.value_text: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.value_vision: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.vision_flag: Optional[torch.Tensor] = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Number of cached positions."""
-        return 0 if self.vision_flag is None else self.vision_flag.shape[1]
-
-    def __len__(self) -> int:
-        return len(self.key_text)
-
-    def update(self, layer_idx: int, k_text, k_vision, v_text, v_vision) -> Tuple[torch.Tensor, ...]:
-        """Append this step's per-modality keys/values of one layer; return the full ones."""
-        new = (k_text, k_vision, v_text, v_vision)
-        stores = (self.key_text, self.key_vision, self.value_text, self.value_vision)
-        out = []
-        for store, value in zip(stores, new):
-            past = store[layer_idx]
-            full = value if past is None else torch.cat([past, value], dim=2)
-            store[layer_idx] = full
-            out.append(full)
-        return tuple(out)
-
-    def append_modality(self, vision_flag: torch.Tensor) -> None:
-        """Record the modality of the positions this forward adds."""
-        self.vision_flag = vision_flag if self.vision_flag is None else torch.cat([self.vision_flag, vision_flag], dim=1)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
-        for store in (self.key_text, self.key_vision, self.value_text, self.value_vision):
-            for i, t in enumerate(store):
-                if t is not None:
-                    store[i] = t.index_select(0, beam_idx.to(t.device))
-        if self.vision_flag is not None:
-            self.vision_flag = self.vision_flag.index_select(0, beam_idx.to(self.vision_flag.device))
 
 
 class _Routing:

@@ -34,6 +34,7 @@ from libra_megatron.ops.lfq import image_token_ids, lfq_image_ids
 from libra_megatron.tokenizer.clip_encoder import LIBRA_SELECT_LAYERS, TINY_CLIP, VIT_L14_336, ClipFeatureEncoder
 from libra_megatron.tokenizer.decoder import Decoder, DecoderConfig
 from libra_megatron.tokenizer.lfq import LFQ, LFQLossBreakdown
+from libra_megatron.tokenizer.released import read_released
 from libra_megatron.vocab import LIBRA_VOCAB, LibraVocab
 
 WEIGHTS_NAME = "vision_tokenizer.safetensors"
@@ -282,9 +283,11 @@ class ImageTokenizer(nn.Module):
         device: Union[str, torch.device] = "cpu",
     ) -> "ImageTokenizer":
         """Load the released ``vision_tokenizer_config.yaml`` + ``vqgan.ckpt`` (``weights_only`` unpickling only)."""
-        from libra_megatron.tokenizer.released import load_released
-
-        return load_released(cls, folder, clip_folder=clip_folder, device=device)
+        fields, state, weights_path = read_released(folder, clip_folder=clip_folder)
+        with torch.device("meta"):
+            model = cls(ImageTokenizerConfig(**fields))
+        _load_exact(model, {k: v.to(device) for k, v in state.items()}, weights_path)
+        return model.eval()
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "ImageTokenizer":

@@ -24,7 +24,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from libra_megatron.training.model_family import BatchStats, ModelFamily, parallel_config_kwargs, register_family
+from libra_megatron.training.model_family import BatchStats, ModelFamily, parallel_config_kwargs
 
 
 def _preset_fields(args: argparse.Namespace) -> Dict[str, Any]:
@@ -122,7 +122,6 @@ def _build_vision(args: argparse.Namespace) -> Any:
     return FrozenClipFeatures(args)
 
 
-@register_family("libra")
 def libra_family() -> ModelFamily:
     """The Libra family (the default ``--model-family``)."""
     return ModelFamily(

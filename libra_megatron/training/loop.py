@@ -271,7 +271,7 @@ class Trainer:
 
 def pretrain(args: argparse.Namespace, family: Optional[ModelFamily] = None) -> List[Dict[str, Any]]:
     """Build from the (validated) flags and train; returns this rank's per-step records."""
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     trainer = Trainer(args, family or get_family(args.model_family))
     return trainer.train()

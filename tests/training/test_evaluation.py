@@ -22,7 +22,7 @@ import torch
 
 from libra_megatron.training.arguments import ConfigError, parse_args, validate_args
 from libra_megatron.training.data_stream import dataset_files
-from libra_megatron.training.model_family import get_family
+from libra_megatron.training.families import get_family
 from tests.distributed import run_on_ranks
 from tests.training.helpers import make_args
 
