@@ -132,10 +132,11 @@ def _profiled_step(trainer: Any, args: argparse.Namespace, iteration: int, trace
 def run_case(case: Dict[str, Any], args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
     """Build the trainer for ``case``, run warm-up + timed + profiled steps, return the result record."""
     from libra_megatron.training.arguments import parse_args, validate_args
-    from libra_megatron.training.data import dataset_files
+    from libra_megatron.training.data_stream import dataset_files
     from libra_megatron.training.dry_run import _clip_parameters, estimate_memory
     from libra_megatron.training.loop import Trainer, train_step
-    from libra_megatron.training.model_family import get_family, unwrap_model
+    from libra_megatron.training.families import get_family
+    from libra_megatron.training.model_family import unwrap_model
     from libra_megatron.training.model_setup import count_parameters
     from libra_megatron.training.observability import gather_timer_times, timed
 

@@ -54,7 +54,7 @@ class ValidationStream:
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
-        from libra_megatron.training.data import to_device
+        from libra_megatron.training.data_stream import to_device
         from libra_megatron.training.padding import align_step
 
         iterator = iter(self.loader)

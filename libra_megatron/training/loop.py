@@ -148,7 +148,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, family: ModelFamily) -> None:
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import MicroBatchStream, build_train_dataset
+        from libra_megatron.training.data_stream import MicroBatchStream, build_train_dataset
         from libra_megatron.training.distributed import (initialize_distributed, is_last_rank, resolve_device,
                                                          set_seeds)
         from libra_megatron.training.metrics import MetricsLogger
@@ -176,6 +176,11 @@ class Trainer:
                                        parallel_state.get_data_parallel_world_size(), self.vocab, self.check_batch)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
         self.valid_stream = self._build_valid_stream() if args.eval_iters > 0 else None
+        self.captioner = None
+        if args.eval_captioning:  # zero-shot captioning (libra_megatron/evaluation/engine_captioning.py)
+            from libra_megatron.evaluation.engine_captioning import EngineCaptioner
+
+            self.captioner = EngineCaptioner(args, self.vocab, self.vision_encoder)
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
         import torch.distributed as dist
@@ -205,7 +210,7 @@ class Trainer:
     def _build_valid_stream(self):
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import build_valid_dataset
+        from libra_megatron.training.data_stream import build_valid_dataset
         from libra_megatron.training.evaluation import ValidationStream
 
         dataset, samples = build_valid_dataset(self.args, self.vocab)
@@ -218,9 +223,13 @@ class Trainer:
 
         if self.valid_stream is None:
             raise RuntimeError("no validation set: pass --eval-iters > 0 (and --valid-data-path or --mock-data)")
-        self.config.timers = None  # validation is not training time (its schedules would time themselves)
+        return self._without_timers(evaluate, self.forward_step, self.valid_stream, self.model, self.args)
+
+    def _without_timers(self, function: Callable, *args: Any) -> Any:
+        """``function(*args)`` with the megatron timers detached (validation and captioning are not step time)."""
+        self.config.timers = None
         try:
-            return evaluate(self.forward_step, self.valid_stream, self.model, self.args)
+            return function(*args)
         finally:
             self.config.timers = self.timers
 
@@ -235,9 +244,10 @@ class Trainer:
         this rank logged (losses only on the last pipeline stage).
 
         Losses, grad norms and token counts stay on the device until a log boundary (every ``--log-interval``
-        steps, before an evaluation or a checkpoint, at the end): then one all-reduce over DP and one copy to the
-        host cover every step since the last boundary, and the steps are logged in order.
+        steps, before an evaluation, captioning or a checkpoint, at the end): then one all-reduce over DP and one
+        copy to the host cover every step since the last boundary, and the steps are logged in order.
         """
+        from libra_megatron.evaluation.engine_captioning import captioning_due, captioning_fields, log_captioning
         from libra_megatron.training.evaluation import evaluation_due, validation_fields
         from libra_megatron.training.observability import gather_timer_times, timed
         from libra_megatron.training.padding import step_seq_length
@@ -261,10 +271,11 @@ class Trainer:
                 iteration += 1
                 consumed += args.global_batch_size
                 evaluate_now = evaluation_due(args, iteration)
+                caption_now = captioning_due(args, iteration)
                 save_now = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
                 stop_now = outcome.stop_signal or bool(args.exit_interval and iteration % args.exit_interval == 0)
                 boundary = (iteration % args.log_interval == 0 or iteration >= args.train_iters or evaluate_now
-                            or save_now or stop_now)
+                            or caption_now or save_now or stop_now)
                 self._pending.append(_PendingStep(iteration, consumed, lr, outcome, stats))
                 self._pending[-1].extra["seq_length"] = step_seq_length(micro_batches)  # after dynamic padding
                 times = None
@@ -276,9 +287,14 @@ class Trainer:
                 if evaluate_now:  # after the step's timing, before its checkpoint
                     validation, evaluated_at = self.evaluate(), iteration
                     self._pending[-1].extra.update(validation_fields(validation or {}))
+                captioning = None
+                if caption_now:  # greedy captions of held-out images, training untouched
+                    captioning = self._without_timers(self.captioner.run, self.model)
+                    self._pending[-1].extra.update(captioning_fields(captioning))
                 if boundary:
                     self._log_pending(times)
                 self.logger.log_validation(iteration, consumed, validation)
+                log_captioning(self.logger, iteration, consumed, captioning)
                 if save_now:
                     self.save(iteration, consumed)
                     last_saved = iteration
@@ -359,7 +375,7 @@ class _PendingStep:
 
 def pretrain(args: argparse.Namespace, family: Optional[ModelFamily] = None) -> List[Dict[str, Any]]:
     """Build from the (validated) flags and train; returns this rank's per-step records."""
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     trainer = Trainer(args, family or get_family(args.model_family))
     return trainer.train()

@@ -2,7 +2,8 @@
 
 Sample ``i`` depends only on ``(seed, i)``: ``<s>``, one image span (``<boi>``, the patch codes, ``<eoi>``), ``\\n``,
 a caption of text ids (1 to ``2 caption_tokens - 1`` of them, ``caption_tokens`` on average, like the short and
-varied LAION captions), right padding. Labels follow spec §3.2 (image codes, ``<eoi>`` and the caption carry loss;
+varied LAION captions), right padding. Labels follow docs/architecture.md#labels (image codes, ``<eoi>`` and the
+caption carry loss;
 ``<s>``, ``<boi>``, ``\\n`` and padding do not), already shifted (Megatron convention). Rows have the layout of
 ``libra_megatron.data.dataset.LibraDataset`` rows (collated by its ``collate_batch``). The codes are a simple
 function of the pixels' mean colour and the caption repeats a colour word, so the task is learnable.

@@ -23,7 +23,7 @@ FLAGS = [
 
 
 def _tiny_vocab():
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     return get_family("libra").vocab(make_args(FLAGS, 1))
 
