@@ -16,8 +16,9 @@
 # Wheels to carry (no network on the GPU machine): from the repository root on a machine with network,
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
-# (.whl/ is git-ignored; carry it with the run). Any other missing pure-Python dependency can be put there the same
-# way; everything in .whl/ is installed with --no-deps --no-index.
+# (.whl/ is git-ignored; carry it with the run). Any other missing dependency can be put there the same way (e.g.
+# `ninja` for a parallel extension build: without it torch builds the extension file by file); everything in .whl/ is
+# installed with --no-deps --no-index.
 #
 # Output ($OUT, at most 8 files of <= 16 MiB): gpu_check.log (every section's tail and verdict), cuda_tests.log,
 # train_step.jsonl, layer.jsonl, libra_step.pt.trace.json.gz (Perfetto / TensorBoard) -- 5 files; sections added by
@@ -80,7 +81,7 @@ section setup-build 180 $PY setup.py build_ext --inplace
 section setup-import 30 $PY -c "import libra_megatron._C as C, torch; print('extension ok, cuda ops:', [n for n in dir(C) if 'cuda' in n.lower()])"
 
 # ------------------------------------------------------------------------------------------------ cuda-tests
-section cuda-tests 120 $PY -m pytest tests -q -x -p no:cacheprovider -k "cuda or triton or gpu" -rs
+section cuda-tests 120 $PY -m pytest tests -q -p no:cacheprovider -k "cuda or triton or gpu" -rs
 [ -f "$SCRATCH/cuda-tests.out" ] && cp "$SCRATCH/cuda-tests.out" "$OUT/cuda_tests.log"
 
 # ------------------------------------------------------------------------------------------------ train-step
