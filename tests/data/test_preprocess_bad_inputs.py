@@ -90,7 +90,7 @@ def test_bad_webdataset_shards(tmp_path, sp_model_path):
         ("shard-0.tar", "noimage"): "missing_image",
         ("shard-0.tar", "badjson"): "bad_record",
         ("shard-1.tar", ""): "unreadable_shard",
-        ("shard-2.tar", "cut"): "unreadable_shard",
+        ("shard-2.tar", "cut"): "truncated_shard",
     }
     assert all(r["detail"] for r in _read_rejects(prefix))
     meta = read_sidecar(prefix)
