@@ -203,14 +203,15 @@ class LlavaSource(_AnnotationSource):
 
     def _parse(self) -> Iterator[Item]:
         for index, (line, entry, error) in enumerate(json_entries(self.path)):
-            if not error and not isinstance(entry, dict):
-                error = f"entry is a {_type_name(entry)}, not an object"
-            if error:
-                yield self.bad(str(index), line, error)
+            if not isinstance(entry, dict):
+                yield self.bad(str(index), line, error or f"entry is a {_type_name(entry)}, not an object")
                 continue
             entry_id = entry.get("id", index)
             id_ok = isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool)
             key = str(entry_id) if id_ok else str(index)
+            if error:
+                yield self.bad(key, line, error)
+                continue
             image = entry.get("image")
             problem = (f"field 'id' is a {_type_name(entry_id)}, not text or a number" if not id_ok else
                        f"field 'image' is a {_type_name(image)}, not one path"

@@ -134,18 +134,19 @@ class WorkerPool:
         handles = {w.connection: w for w in busy}
         handles.update({w.process.sentinel: w for w in busy})
         ready = multiprocessing.connection.wait(list(handles), timeout=wait_s)
-        for handle in ready:
-            worker = handles[handle]
+        for worker in {id(handles[h]): handles[h] for h in ready}.values():
             if worker.task is None or worker not in self.workers:
                 continue
-            if handle is worker.connection:
-                try:
-                    seq, result = worker.connection.recv()
-                except (EOFError, OSError):
-                    continue  # the sentinel reports the death
+            try:
+                message = worker.connection.recv() if worker.connection.poll() else None
+            except (EOFError, OSError):  # the pipe closed: the worker is gone
+                message = None
+            if message is not None:
+                seq, result = message
                 results[seq] = result
                 worker.task, worker.deadline = None, float("inf")
-            elif not worker.connection.poll():  # died without a result
+            elif not worker.process.is_alive() or worker.process.exitcode is not None:
+                worker.process.join(timeout=1)
                 code = worker.process.exitcode
                 self._failed(worker, "worker_crash", f"the decode worker died (exit code {code})", retry, results)
         now = time.monotonic()

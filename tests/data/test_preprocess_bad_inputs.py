@@ -122,5 +122,5 @@ def test_bad_image_folder_records(tmp_path, sp_model_path):
     run_preprocessing(config)
     assert len(SampleReader(prefix)) == 1
     rejects = {r["key"]: r["reason"] for r in _read_rejects(prefix)}
-    assert rejects == {"line2": "missing_image", "line3": "unreadable_image", "line4": "wrong_extension",
+    assert rejects == {"line2": "missing_image", "line3": "not_regular_file", "line4": "wrong_extension",
                        "line5": "missing_image", "line6": "bad_record", "line7": "missing_caption"}
