@@ -39,10 +39,10 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
 
     from libra_megatron.training.arguments import parse_args, validate_args
-    from libra_megatron.training.data import dataset_files
+    from libra_megatron.training.data_stream import dataset_files
     from libra_megatron.training.dry_run import _clip_parameters, estimate_memory
     from libra_megatron.training.loop import Trainer
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
     from libra_megatron.training.model_setup import count_parameters
     from libra_megatron.training.model_family import unwrap_model
 

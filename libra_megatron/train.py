@@ -18,9 +18,9 @@ for _message in ("Transformer Engine and Apex are not installed", "Apex is not i
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, validate, then dry-run or train. Returns the process exit code."""
     from libra_megatron.training.arguments import ConfigError, parse_args, validate_args
-    from libra_megatron.training.data import dataset_files
+    from libra_megatron.training.data_stream import dataset_files
     from libra_megatron.training.distributed import world_from_env
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     rank, world_size, _ = world_from_env()
     try:

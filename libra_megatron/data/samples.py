@@ -1,4 +1,4 @@
-"""Ids, labels and masks of pretraining and instruction samples (spec §2.5, §2.6, §3.2).
+"""Ids, labels and masks of pretraining and instruction samples (docs/architecture.md#ids, docs/architecture.md#placing-images, docs/architecture.md#labels).
 
 A sample is stored as an ordered list of *pieces* (see :class:`PieceKind`): text ids that are or are not
 loss targets, and images whose codes are or are not loss targets. Preprocessing builds the pieces
@@ -66,7 +66,7 @@ class SampleError(ValueError):
 
 
 def clean_caption(caption: str, max_words: int = 64) -> str:
-    """Reference ``LibraCaptionProcessor`` as configured for pretraining (spec §7): ``[*#~]`` -> space,
+    """Reference ``LibraCaptionProcessor`` as configured for pretraining (docs/architecture.md#caption-processing): ``[*#~]`` -> space,
     runs of 2+ whitespace -> one space, strip, lowercase, keep at most ``max_words`` space-separated words."""
     caption = re.sub(r"[*#~]", " ", caption)
     caption = re.sub(r"\s{2,}", " ", caption).strip().lower()
@@ -77,7 +77,7 @@ def clean_caption(caption: str, max_words: int = 64) -> str:
 
 
 def pretrain_pieces(tokenizer: TextTokenizer, caption: Optional[str], max_words: int = 64) -> List[Piece]:
-    """Pieces of an image-caption pretraining sample (spec §3.2 table)."""
+    """Pieces of an image-caption pretraining sample (docs/architecture.md#labels table)."""
     if caption is None:
         raise SampleError("missing_caption", "no caption")
     if not isinstance(caption, str):
@@ -143,7 +143,7 @@ def _conversation_turns(conversations: Sequence[Dict], has_image: bool) -> List[
 def instruct_pieces(
     tokenizer: TextTokenizer, conversations: Sequence[Dict], has_image: bool, system: str = VICUNA_V1_SYSTEM
 ) -> List[Piece]:
-    """Pieces of a LLaVA-format conversation under the vicuna_v1 template (spec §3.2)."""
+    """Pieces of a LLaVA-format conversation under the vicuna_v1 template (docs/architecture.md#labels)."""
     turns = _conversation_turns(conversations, has_image)
     pieces: List[Piece] = [Piece(PieceKind.TEXT, (tokenizer.bos_id,))]
     pending = system + " "  # un-tokenised prompt text (no loss) since the last boundary

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from libra_megatron.evaluation.engine_captioning import add_captioning_args, validate_captioning_args
+
 
 class ConfigError(ValueError):
     """A configuration problem found before training starts; the message names the flag or file."""
@@ -76,7 +78,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                             "token means, as the Libra reference / HF Trainer does)")
     group.add_argument("--image-loss-weight", type=float, default=1.0,
                        help="weight of image-position losses in the optimised sum (1.0 = the reference; an "
-                            "ablation knob against the ~577:20 image:caption token imbalance, spec §9.2)")
+                            "ablation knob against the ~577:20 image:caption token imbalance, docs/architecture.md#loss-weighting)")
     group.add_argument("--on-nan", default="skip", choices=["skip", "stop"],
                        help="what a non-finite loss does after it is reported: skip the update or stop the run")
     group.add_argument("--seed", type=int, default=42)
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(parser)
     _add_data_args(parser)
     _add_evaluation_args(parser)
+    add_captioning_args(parser)  # --eval-captioning* (libra_megatron/evaluation/engine_captioning.py)
     _add_checkpoint_args(parser)
     _add_logging_args(parser)
     return parser
@@ -326,6 +329,8 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     _validate_checkpointing(args)
     _validate_data(args, dataset_files)
     _validate_evaluation(args)
+    captioning_error = validate_captioning_args(args)
+    _check(captioning_error is None, captioning_error or "")
     if args.model_family == "libra" and not args.dry_run:
         _check(args.image_tokenizer is not None, "--image-tokenizer is required for the Libra model (the frozen "
                                                  "CLIP tower makes the continuous features), e.g. 'tiny:0' on CPU")

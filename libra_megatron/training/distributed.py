@@ -46,7 +46,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
@@ -58,7 +58,8 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (single-process starts, tests and the demo's torchrun)."""
     import socket
 
     with socket.socket() as sock:

@@ -1,7 +1,7 @@
 """The frozen CLIP tower on the first pipeline stage: the batch's uint8 ``pixels`` -> continuous features.
 
 Only the tokenizer's CLIP encoder is kept (the LFQ quantiser and the pixel decoder are not needed for training);
-it runs every step under ``no_grad`` in eval mode, in bf16 with ``--bf16`` (as the reference trained, spec §9.1
+it runs every step under ``no_grad`` in eval mode, in bf16 with ``--bf16`` (as the reference trained, docs/architecture.md#reference-defects
 B8), and is never part of the model chunks, DDP or the optimizer. ``--image-tokenizer`` names a folder written by
 ``ImageTokenizer.save_pretrained`` (or converted from the released files), or ``tiny:SEED`` for the random tiny
 tokenizer of tests and the CPU demo; it must be the tokenizer that produced the dataset's image codes.

@@ -24,7 +24,7 @@ import torch
 from libra_megatron.data.indexed import SampleWriter, index_dtype
 from libra_megatron.data.parts import PartStore
 from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS
-from libra_megatron.data.prepare import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings, init_worker, prepare_in_worker, prepare_record
+from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings, init_worker, prepare_in_worker, prepare_record
 from libra_megatron.data.rejects import Rejected, count_by_reason
 from libra_megatron.data.samples import PieceKind
 from libra_megatron.data.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, vocab_to_json
