@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from libra_megatron.evaluation.engine_captioning import add_captioning_args, validate_captioning_args
 from libra_megatron.training.run_config import RunConfig
 
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(parser)
     _add_data_args(parser)
     _add_evaluation_args(parser)
+    add_captioning_args(parser)  # --eval-captioning* (libra_megatron/evaluation/engine_captioning.py)
     _add_checkpoint_args(parser)
     _add_logging_args(parser)
     return parser
@@ -341,6 +343,8 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     _validate_checkpointing(args)
     _validate_data(args, dataset_files)
     _validate_evaluation(args)
+    captioning_error = validate_captioning_args(args)
+    _check(captioning_error is None, captioning_error or "")
     if args.model_family == "libra" and not args.dry_run:
         _check(args.image_tokenizer is not None, "--image-tokenizer is required for the Libra model (the frozen "
                                                  "CLIP tower makes the continuous features), e.g. 'tiny:0' on CPU")
