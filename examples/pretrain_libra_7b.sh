@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Libra-7B pretraining (Libra-Base recipe, spec §4.2) on megatron-core, multi-node torchrun.
+# Libra-7B pretraining (Libra-Base recipe, docs/architecture.md#training-recipe) on megatron-core, multi-node torchrun.
 #
 #   On every node:  NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 \
 #                   DATA_PATH=/data/laion IMAGE_TOKENIZER=/ckpt/libra-vision-tokenizer \

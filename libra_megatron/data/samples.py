@@ -1,4 +1,4 @@
-"""Ids, labels and masks of pretraining and instruction samples (spec §2.5, §2.6, §3.2).
+"""Ids, labels and masks of pretraining and instruction samples (docs/architecture.md#ids, docs/architecture.md#placing-images, docs/architecture.md#labels).
 
 A sample is stored as an ordered list of *pieces* (see :class:`PieceKind`): text ids that are or are not
 loss targets, and images whose codes are or are not loss targets. Preprocessing builds the pieces
@@ -73,7 +73,7 @@ class SampleError(ValueError):
 
 
 def clean_caption(caption: str, max_words: int = 64) -> str:
-    """Reference ``LibraCaptionProcessor`` as configured for pretraining (spec §7): ``[*#~]`` -> space,
+    """Reference ``LibraCaptionProcessor`` as configured for pretraining (docs/architecture.md#caption-processing): ``[*#~]`` -> space,
     runs of 2+ whitespace -> one space, strip, lowercase, keep at most ``max_words`` space-separated words."""
     caption = re.sub(r"[*#~]", " ", caption)
     caption = re.sub(r"\s{2,}", " ", caption).strip().lower()
@@ -85,7 +85,7 @@ def clean_caption(caption: str, max_words: int = 64) -> str:
 
 def pretrain_pieces(tokenizer: TextTokenizer, caption: Optional[str], max_words: int = 64,
                     max_tokens: int = DEFAULT_MAX_CAPTION_TOKENS) -> List[Piece]:
-    """Pieces of an image-caption pretraining sample (spec §3.2 table); the caption keeps at most ``max_words``
+    """Pieces of an image-caption pretraining sample (docs/architecture.md#labels table); the caption keeps at most ``max_words``
     words and ``max_tokens`` tokens (a caption without spaces is one word: only the token bound holds it)."""
     if caption is None:
         raise SampleError("missing_caption", "no caption")
@@ -153,7 +153,7 @@ def _conversation_turns(conversations: Sequence[Dict], has_image: bool) -> List[
 def instruct_pieces(
     tokenizer: TextTokenizer, conversations: Sequence[Dict], has_image: bool, system: str = VICUNA_V1_SYSTEM
 ) -> List[Piece]:
-    """Pieces of a LLaVA-format conversation under the vicuna_v1 template (spec §3.2)."""
+    """Pieces of a LLaVA-format conversation under the vicuna_v1 template (docs/architecture.md#labels)."""
     turns = _conversation_turns(conversations, has_image)
     pieces: List[Piece] = [Piece(PieceKind.TEXT, (tokenizer.bos_id,))]
     pending = system + " "  # un-tokenised prompt text (no loss) since the last boundary

@@ -2,7 +2,7 @@
 LLaVA instruction json. Each splits its input into numbered *chunks* (a tar shard, or ``chunk_size``
 annotation records) — the unit of work, of rank assignment and of atomic output — and yields the raw records
 of a chunk in a fixed order (or :class:`~libra_megatron.data.rejects.Rejected` entries for what it cannot
-read). Nothing here decodes images or opens them; that happens in the workers (:mod:`libra_megatron.data.prepare`,
+read). Nothing here decodes images or opens them; that happens in the workers (:mod:`libra_megatron.data.preprocess_worker`,
 through :mod:`libra_megatron.data.safe_read`). Annotation files are decoded line by line
 (:mod:`libra_megatron.data.annotations`); fields of the wrong type are ``bad_record`` with file and line.
 """

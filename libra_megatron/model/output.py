@@ -1,4 +1,4 @@
-"""Output side (spec §1.7, §3.1): vocab-parallel text head, two codebook heads, and the Libra loss.
+"""Output side (docs/architecture.md#output-heads, docs/architecture.md#loss): vocab-parallel text head, two codebook heads, and the Libra loss.
 
 The reference builds logits ``[C, B, L, T+K+2]`` with −inf blocks and averages the per-plane CE. Exactly the
 same value, without that tensor:

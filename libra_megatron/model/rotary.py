@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from libra_megatron.model.routing import RowPlan
+from libra_megatron.rope import rope_inv_freq
 
 
 @dataclass(eq=False)
@@ -28,7 +29,7 @@ class RotaryTables:
     @classmethod
     def build(cls, position_ids: Tensor, plan: RowPlan, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
         """``position_ids [B, L]`` → tables; frequencies in fp32, cast to the activation dtype like HF."""
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+        inv_freq = rope_inv_freq(head_dim, base, position_ids.device)
         freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
         half = head_dim // 2

@@ -7,7 +7,7 @@ import tarfile
 from PIL import Image
 
 from libra_megatron.data.indexed import SampleReader
-from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
+from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
 from libra_megatron.data.sidecar import read_sidecar
 from tests.data.corpus import add_member, caption_json, image_bytes, make_image
 

@@ -22,7 +22,7 @@ import torch
 from libra_megatron.data.indexed import SampleWriter, index_dtype
 from libra_megatron.data.parts import PartStore
 from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS
-from libra_megatron.data.prepare import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings
+from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings
 from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES
 from libra_megatron.data.rejects import RETRYABLE_REASONS, Rejected, count_by_reason
 from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS, PieceKind
