@@ -142,7 +142,7 @@ def run_case(case: Dict[str, Any], args: argparse.Namespace, extra: List[str]) -
 
     train_args = parse_args(_trainer_flags(case, args, extra))
     family = get_family(train_args.model_family)
-    validate_args(train_args, 1, family.shape(train_args), dataset_files)
+    train_args = validate_args(train_args, 1, family.shape(train_args), dataset_files)
     name = f"{case['model']}-{case['num_layers']}l"
     result: Dict[str, Any] = {"bench": "train_step", "case": name, "device": args.device, "extra_flags": extra,
                               "date": time.strftime("%Y-%m-%d"), **case}
