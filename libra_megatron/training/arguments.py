@@ -153,7 +153,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
                        help="torch profiler trace of iterations --profile-step-start+1 .. --profile-step-end")
     group.add_argument("--profile-step-start", type=int, default=10)
     group.add_argument("--profile-step-end", type=int, default=12)
-    group.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    group.add_argument("--profile-ranks", type=int, nargs="+", default=None, help="global ranks that profile "
+                                                                                  "(default: 0)")
     group.add_argument("--profile-dir", default=None,
                        help="where the .pt.trace.json.gz goes (default: --tensorboard-dir)")
 

@@ -139,8 +139,3 @@ class StepProfiler:
             profiler, self._profiler = self._profiler, None
             profiler.stop()
         self.done = self.enabled
-
-
-def profile_ranks(text: List[str]) -> List[int]:
-    """``--profile-ranks 0 3`` -> [0, 3]."""
-    return [int(value) for value in text]
