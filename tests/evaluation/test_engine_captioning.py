@@ -118,3 +118,19 @@ def test_engine_greedy_tokens_equal_the_hf_export_at_tp1_tp2_pp2(setup):
         for ids, scores in results:
             assert ids == want, (layout, ids, want)
             assert scores["captioning_samples"] == 3 and scores["captioning_cider"] >= 0.0
+
+    # tools/evaluate.py on the engine checkpoint itself (converted on the fly) gives the same greedy captions
+    from libra_megatron.data.text_tokenizer import TextTokenizer
+    from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+    from tools.evaluate import main
+
+    vision = str(tmp / "vision")
+    ImageTokenizer.tiny(0).save_pretrained(vision)
+    out = tmp / "evaluate"
+    assert main(["--task", "caption", "--data", str(tmp / "heldout.jsonl"), "--model", ckpt, "--output", str(out),
+                 "--tokenizer", captioning[3], "--vision-tokenizer", vision, "--max-new-tokens", "4", "--device", "cpu",
+                 "--caption-metrics", "cider", "--caption-tokenizer", "simple", "--no-progress"]) == 0
+    assert os.path.isfile(out / "hf_export" / "config.json")
+    tokenizer = TextTokenizer(captioning[3])
+    got = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert got == [tokenizer.decode(row).split("\n")[0].strip() for row in want]
