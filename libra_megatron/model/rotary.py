@@ -29,11 +29,9 @@ class RotaryTables:
     def build(cls, position_ids: Tensor, plan: RowPlan, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
         """``position_ids [B, L]`` → tables; frequencies in fp32, cast to the activation dtype like HF."""
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
-        freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
-        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
-        half = head_dim // 2
-        sin = angles.sin()
-        cos, sin = angles.cos().to(dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype)
+        freqs = (position_ids.t().float()[..., None] * inv_freq).unsqueeze(2)  # [s, b, 1, d/2]
+        cos_half, sin_half = freqs.cos().to(dtype), freqs.sin().to(dtype)  # trig on half the width (HF repeats it)
+        cos, sin = torch.cat([cos_half, cos_half], dim=-1), torch.cat([-sin_half, sin_half], dim=-1)
         cos_text, cos_vision = plan.split_constant(cos)
         sin_text, sin_vision = plan.split_constant(sin)
         return cls(cos, sin, cos_text, sin_text, cos_vision, sin_vision)

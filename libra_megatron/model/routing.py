@@ -28,15 +28,24 @@ from libra_megatron.vocab import LibraVocab
 Segment = Tuple[int, int, bool]  # (start, end, is_vision) in rows (or time steps)
 
 
-def _runs(flags: Sequence[bool]) -> List[Segment]:
-    """Maximal runs of equal flags as (start, end, flag)."""
-    runs: List[Segment] = []
-    start = 0
-    for i in range(1, len(flags) + 1):
-        if i == len(flags) or flags[i] != flags[start]:
-            runs.append((start, i, bool(flags[start])))
-            start = i
-    return runs
+def vision_flag(vision_indices: Tensor, vocab: LibraVocab) -> Tensor:
+    """The one definition of an image position: ``vision_indices < 578`` (bool, the shape of ``vision_indices``).
+
+    A micro-batch computes it once, in :meth:`ModalityRouting.build`; everything downstream (input checks, token
+    counts, the loss) reads ``routing.is_vision`` (host) or ``routing.vision_mask`` (model device).
+    """
+    return vision_indices < vocab.text_vision_index
+
+
+def _runs(flags: Tensor) -> List[Segment]:
+    """Maximal runs of equal flags of a 1-D bool tensor as (start, end, flag) (no per-element Python loop)."""
+    n = flags.numel()
+    if n == 0:
+        return []
+    starts = [0] + (torch.nonzero(flags[1:] != flags[:-1]).view(-1) + 1).tolist()
+    values = flags[starts].tolist()
+    ends = starts[1:] + [n]
+    return [(s, e, bool(v)) for s, e, v in zip(starts, ends, values)]
 
 
 class _SplitBySegments(torch.autograd.Function):
@@ -305,14 +314,18 @@ class ModalityRouting:
     """Plan of this rank's sequence-parallel chunk (== ``full`` without SP)."""
     time_segments: Optional[List[Segment]]
     """Fast path only: (t0, t1, is_vision) runs shared by every sample."""
-    vision_flag: Tensor
-    """Bool ``[s, b]`` on the model device."""
+    is_vision: Tensor
+    """Bool ``[B, L]`` on the host: :func:`vision_flag` of the micro-batch (input checks, token counts)."""
+    vision_mask: Tensor
+    """``is_vision`` on the model device (the loss's per-modality sums)."""
     attention_mask: Optional[Tensor]
     """Index path only: bool ``[b, 1, s, s]`` (True = may attend), or None for plain causal attention."""
     num_images: int
     clip_rows: Optional[Tensor] = None
     """For each vision row (routing order): index into ``clip_features.view(-1, F)``, or -1 for <boi>/<eoi>."""
     rotary: Optional[object] = field(default=None, repr=False)
+    inputs_checked: bool = False
+    """True once the micro-batch's ids and labels were validated against this routing (model/micro_batch.py)."""
 
     @property
     def uniform(self) -> bool:
@@ -344,7 +357,7 @@ class ModalityRouting:
                 f"sequence length {seq} is not divisible by the tensor-parallel size {sequence_parallel_size} "
                 "required by sequence parallelism; pad the micro-batch (e.g. to a multiple of 8)"
             )
-        flag = vi < vocab.text_vision_index  # [B, L]
+        flag = vision_flag(vi, vocab)  # [B, L], the micro-batch's one computation of the flag
         seg = None if segment_ids is None else segment_ids.detach().to("cpu", torch.long)
         if seg is not None and seg.shape != vi.shape:
             raise ValueError(f"segment_ids must have the shape of vision_indices {tuple(vi.shape)}, got {tuple(seg.shape)}")
@@ -354,7 +367,7 @@ class ModalityRouting:
         chunk = seq // sequence_parallel_size
         c0, c1 = sequence_parallel_rank * chunk, (sequence_parallel_rank + 1) * chunk
         if uniform:
-            time_segments = _runs(flag[0].tolist())
+            time_segments = _runs(flag[0])
             full = _segment_plan(time_segments, batch)
             local = full if sequence_parallel_size == 1 else _segment_plan(time_segments, batch, c0, c1)
             mask = None
@@ -378,7 +391,8 @@ class ModalityRouting:
             full=full.to(device),
             local=local.to(device),
             time_segments=time_segments,
-            vision_flag=flag.t().contiguous().to(device, non_blocking=True),
+            is_vision=flag,
+            vision_mask=flag.to(device, non_blocking=True),
             attention_mask=mask,
             num_images=num_images,
             clip_rows=clip_rows.to(device, non_blocking=True),
