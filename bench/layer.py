@@ -183,11 +183,13 @@ def main() -> None:
                     torch.cuda.synchronize()
                 build_times.append((time.perf_counter() - t0) * 1e3)
             first_build_ms, build_ms = build_times[0], sorted(build_times[1:])[2]
-            x = torch.randn(s, b, h, device=device, dtype=dtype, requires_grad=True)
-            grad = torch.randn_like(x)
+            # the modality-sorted residual stream a layer reads and writes: (text rows, vision rows)
+            stream = [torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+                      for n in (routing.full.num_text, routing.full.num_vision)]
+            grads = [torch.randn_like(t) for t in stream]
 
             def step():
-                layer(x, routing).backward(grad)
+                torch.autograd.backward(list(layer(stream, routing)), grads)
         try:
             seconds = _timeit(step, args.warmup, args.iters, device)
             results[case] = dict(case=case, ms=round(seconds * 1e3, 3), tflops=round(flops[case] / seconds / 1e12, 1),

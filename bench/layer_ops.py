@@ -27,7 +27,7 @@ import collections
 import json
 import os
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -99,9 +99,9 @@ def _step_counts(events) -> dict:
     return dict(kernels=sum(kernels.values()), host_aten_calls=host_calls, by_op=dict(kernels.most_common()))
 
 
-def _graph_nodes(root) -> Dict[str, int]:
-    """Autograd nodes reachable from ``root`` (a grad_fn), by kind."""
-    seen, stack, python = set(), [root], 0
+def _graph_nodes(roots) -> Dict[str, int]:
+    """Autograd nodes reachable from ``roots`` (grad_fns), by kind."""
+    seen, stack, python = set(), list(roots), 0
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -114,18 +114,19 @@ def _graph_nodes(root) -> Dict[str, int]:
     return dict(autograd_nodes=len(seen) - accumulate, python_functions=python, accumulate_grad=accumulate)
 
 
-def count(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> dict:
-    """Counts of one forward + backward step (after one warm-up step)."""
+def count(forward: Callable[[], Sequence[torch.Tensor]], grads: Sequence[torch.Tensor]) -> dict:
+    """Counts of one forward + backward step (after one warm-up step); ``forward`` returns the outputs that
+    ``grads`` flow into (one tensor for a dense layer, the (text, vision) stream for a Libra layer)."""
     from torch.profiler import ProfilerActivity, profile
 
-    forward().backward(grad)
+    torch.autograd.backward(forward(), grads)
     out = forward()
-    nodes = _graph_nodes(out.grad_fn)
-    out.backward(grad)
+    nodes = _graph_nodes([o.grad_fn for o in out])
+    torch.autograd.backward(out, grads)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function("step::forward"):
             out = forward()
-        out.backward(grad)
+        torch.autograd.backward(out, grads)
     events = prof.events()
     forward_ids = {e.id for e in events if e.name == "step::forward"}
 
@@ -220,8 +221,10 @@ def main() -> None:
             d = h // args.heads
             cos, sin = torch.randn(b * s, 1, d), torch.randn(b * s, 1, d)
 
+            grads = [torch.randn(b, s, h)]
+
             def forward():
-                return layer(x, cos, sin)
+                return [layer(x, cos, sin)]
         else:
             from libra_megatron.model.rotary import RotaryTables
             from libra_megatron.model.routing import ModalityRouting
@@ -231,11 +234,13 @@ def main() -> None:
             routing = ModalityRouting.build(vi, config.vocab, force_index_plan=case == "libra_index")
             routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base,
                                                 dtype)
-            x = torch.randn(s, b, h, requires_grad=True)
+            # the modality-sorted residual stream a layer reads and writes: (text rows, vision rows)
+            stream = [torch.randn(n, h, requires_grad=True) for n in (routing.full.num_text, routing.full.num_vision)]
+            grads = [torch.randn_like(t) for t in stream]
 
             def forward():
-                return layer(x, routing)
-        result = count(forward, torch.randn(b, s, h) if case == "dense_frozen" else torch.randn(s, b, h))
+                return list(layer(stream, routing))
+        result = count(forward, grads)
         by_op = result.pop("by_op")
         if args.by_op:
             result["by_op"] = by_op

@@ -11,11 +11,14 @@ Fused attention, exact, each query computed once:
 
 * **segment path** (every sample has the same layout): the sequence is a few runs of one modality. Queries of
   the run ``[t0, t1)`` attend keys ``[0, t1)`` of their modality's set with a causal mask aligned to the lower
-  right — one ``scaled_dot_product_attention`` call per run (3 for ``<s>`` + image + caption), attention FLOPs
-  as for a dense layer;
-* **index path** (layouts differ, packed samples): two SDPA calls over all queries, one per key/value set, with
-  the block-diagonal causal mask; text rows are read from the first, vision rows from the second (the softmax is
-  per row, so this is the same math, at 2x attention FLOPs).
+  right — one core-attention call per run (3 for ``<s>`` + image + caption), attention FLOPs as for a dense
+  layer;
+* **index path** (layouts differ, packed samples): two core-attention calls over all queries, one per key/value
+  set, with the block-diagonal causal mask; text rows are read from the first, vision rows from the second (the
+  softmax is per row, so this is the same math, at 2x attention FLOPs).
+
+The core (softmax(QK^T)V) is the spec submodule ``LibraAttentionSubmodules.core_attention`` (core_attention.py:
+SDPA by default), so another attention backend is a spec change.
 
 Projections (see routed_linear.py for the TP plan): text q/k/v is megatron's fused ``linear_qkv`` (per-head
 interleaved ``[q_i; k_i; v_i]``), frozen in pretraining; the vision q/k/v experts share one fused A
@@ -24,16 +27,17 @@ per-projection B's; the two bridge B's of a modality run as one batched GEMM.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.model.core_attention import SDPACoreAttention
 from libra_megatron.model.fusions import apply_rope
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
@@ -51,12 +55,23 @@ from libra_megatron.model.routed_linear import (
 from libra_megatron.model.routing import ModalityRouting
 
 
+@dataclass
+class LibraAttentionSubmodules:
+    """Swappable parts of the bridge attention (as megatron-core's ``SelfAttentionSubmodules``)."""
+
+    core_attention: Union[ModuleSpec, type] = SDPACoreAttention
+    """softmax(QK^T)V with the call contract of core_attention.py."""
+
+
 class LibraBridgeAttention(MegatronModule):
     """Text/vision routed Q/K/V/O with the cross-modal K/V bridge."""
 
-    def __init__(self, config: LibraConfig, layer_number: int = 1, pg_collection=None, **kwargs) -> None:
+    def __init__(self, config: LibraConfig, submodules: Optional[LibraAttentionSubmodules] = None,
+                 layer_number: int = 1, pg_collection=None, **kwargs) -> None:
         super().__init__(config=config)
         self.layer_number = layer_number
+        submodules = submodules if submodules is not None else LibraAttentionSubmodules()
+        self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         tp = config.tensor_model_parallel_size
         h, r, br = config.hidden_size, config.attention_rank, config.bridge_rank
         self.heads_per_rank = config.num_attention_heads // tp
@@ -154,15 +169,11 @@ class LibraBridgeAttention(MegatronModule):
                 outputs[is_vision].append(own_values[is_vision][:b].view(1, b, heads, d))
                 continue
             used.add(id(q_v if is_vision else q_t))
-            q = q.view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
             keys, values = sets[is_vision]
-            k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
-            v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
-            if t0 == 0:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t1 - t0, t1))
-            outputs[is_vision].append(o.permute(2, 0, 1, 3))  # [t, b, heads, d]
+            k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d)
+            v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d)
+            # causal, queries aligned to the end of the keys (plain causal for t0 == 0)
+            outputs[is_vision].append(self.core_attention(q.view(t1 - t0, b, heads, d), k, v))  # [t, b, heads, d]
         o_t, o_v = self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
         # every parameter gets a gradient in every micro-batch (megatron DDP's overlapped grad reduce expects the
         # same set each step), also when a layout leaves a projection unused, e.g. no image in the micro-batch
@@ -191,19 +202,17 @@ class LibraBridgeAttention(MegatronModule):
         s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
         plan, rows = routing.full, routing.full.num_rows
 
-        def bhsd(x: Tensor) -> Tensor:
-            return x.view(s, b, heads, d).permute(1, 2, 0, 3)
+        def sbhd(x: Tensor) -> Tensor:
+            return x.view(s, b, heads, d)
 
-        q = bhsd(plan.merge(q_t, q_v))
+        q = sbhd(plan.unsort(torch.cat([q_t, q_v])))
         mask: Optional[Tensor] = routing.attention_mask
         k_text, v_text = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, vision_delta=(dk_v, dv_v))
         k_vision, v_vision = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, text_delta=(dk_t, dv_t))
-        o_text = F.scaled_dot_product_attention(q, bhsd(k_text), bhsd(v_text), attn_mask=mask, is_causal=mask is None)
-        o_vision = F.scaled_dot_product_attention(q, bhsd(k_vision), bhsd(v_vision), attn_mask=mask, is_causal=mask is None)
+        o_text = self.core_attention(q, sbhd(k_text), sbhd(v_text), mask)
+        o_vision = self.core_attention(q, sbhd(k_vision), sbhd(v_vision), mask)
         width = heads * d
-        o_t, _ = plan.split(o_text.permute(2, 0, 1, 3).reshape(s * b, width))
-        _, o_v = plan.split(o_vision.permute(2, 0, 1, 3).reshape(s * b, width))
-        return o_t, o_v
+        return plan.take(o_text.reshape(rows, width), False), plan.take(o_vision.reshape(rows, width), True)
 
 
 def _rows_view(x: Tensor, start: int, rows: int) -> Tensor:

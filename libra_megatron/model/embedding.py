@@ -26,7 +26,8 @@ from libra_megatron.model.routing import ModalityRouting
 
 
 class LibraEmbedding(MegatronModule):
-    """tokens ``[C, B, L]`` (+ CLIP features) → embeddings ``[s, b, h]`` in Megatron order (complete on all TP ranks)."""
+    """tokens ``[C, B, L]`` (+ CLIP features) → embeddings ``[s, b, h]`` (complete on all TP ranks) whose rows are the
+    modality-sorted stream: the text rows, then the vision rows (routing.py)."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config=config)
@@ -62,7 +63,7 @@ class LibraEmbedding(MegatronModule):
         features = self._clip_rows(clip_features, routing, discrete)
         signal = rms_norm(torch.cat([discrete, features], dim=-1), self.vision_signal_norm_weight, self.eps)
         vision = self.vision_signal_processor(signal)
-        return plan.merge(text, vision).view(routing.seq_length, routing.batch, -1)
+        return torch.cat([text, vision]).view(routing.seq_length, routing.batch, -1)
 
     def _clip_rows(self, clip_features: Optional[Tensor], routing: ModalityRouting, like: Tensor) -> Tensor:
         width = self.config.clip_feature_size

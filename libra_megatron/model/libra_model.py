@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from torch import Tensor
 
@@ -36,8 +37,10 @@ class LibraModel(LanguageModule):
 
     def __init__(
         self, config: LibraConfig, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
-        pg_collection=None,
+        pg_collection=None, layer_spec: Optional[ModuleSpec] = None,
     ) -> None:
+        """``layer_spec``: the decoder layer's ModuleSpec (default ``specs.get_libra_layer_spec()``; e.g. another
+        core-attention backend)."""
         super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
@@ -46,7 +49,7 @@ class LibraModel(LanguageModule):
         if pre_process:
             self.embedding = LibraEmbedding(config)
         self.decoder = LibraTransformerBlock(
-            config=config, spec=get_libra_block_spec(config, vp_stage), pre_process=pre_process,
+            config=config, spec=get_libra_block_spec(config, vp_stage, layer_spec), pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage, pg_collection=self.pg_collection,
         )
         if post_process:
@@ -112,14 +115,14 @@ class LibraModel(LanguageModule):
 
     def _postprocess(self, hidden: Tensor, routing: ModalityRouting, labels: Optional[Tensor]):
         norm = self.decoder.final_layernorm
-        sp = bool(self.config.sequence_parallel) and parallel_state.get_tensor_model_parallel_world_size() > 1
-        if sp:
-            hidden = gather_from_sequence_parallel_region(
-                norm.forward_merged(hidden, routing.local), tensor_parallel_output_grad=False
-            )
-            hidden_text, hidden_vision = routing.full.split(hidden)
-        else:
-            hidden_text, hidden_vision = norm(hidden, routing.full)
+        rows = hidden.reshape(routing.local_rows, -1)  # the sorted stream (this rank's chunk under SP)
+        hidden_text, hidden_vision = norm(*rows.split([routing.local_text_rows,
+                                                       routing.local_rows - routing.local_text_rows]))
+        plan = routing.full
+        if bool(self.config.sequence_parallel) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            full = gather_from_sequence_parallel_region(torch.cat([hidden_text, hidden_vision]),
+                                                        tensor_parallel_output_grad=False)
+            hidden_text, hidden_vision = full.split([plan.num_text, plan.num_vision])
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * self.output_layer.output_size_per_partition
         s, b = routing.seq_length, routing.batch
         if labels is None:
@@ -127,15 +130,15 @@ class LibraModel(LanguageModule):
                 hidden_text, hidden_vision, self.output_layer.weight, self.vision_output_layer.weight, vocab_start,
                 self.vocab,
             )
-            planes = [routing.full.merge(t, v) for t, v in zip(text_rows, vision_rows)]
+            planes = [plan.unsort(torch.cat([t, v])) for t, v in zip(text_rows, vision_rows)]
             return torch.stack(planes).view(len(planes), s, b, -1).transpose(1, 2)
         label_rows = labels.to(hidden.device).permute(2, 1, 0).reshape(s * b, -1)
-        labels_text, labels_vision = routing.full.split_constant(label_rows)
+        labels_text, labels_vision = plan.split_constant(label_rows)
         loss_t, loss_v = position_losses(
             hidden_text, hidden_vision, labels_text[:, 0], labels_vision, self.output_layer.weight,
             self.vision_output_layer.weight, vocab_start, self.vocab,
         )
-        loss = routing.full.merge(loss_t, loss_v).view(s, b).t()
+        loss = plan.unsort(torch.cat([loss_t, loss_v])).view(s, b).t()  # back to sequence order, once
         return loss + 0.0 * self.vision_hidden_placeholder.sum()
 
     # -- training stages ----------------------------------------------------------------------------------------

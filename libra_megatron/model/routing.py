@@ -1,19 +1,20 @@
 """Modality routing computed once per micro-batch and shared by every routed op of every layer.
 
-Megatron keeps activations as ``[s, b, h]``; flattened, row ``t*b + j`` is position ``t`` of sample ``j``. A
-:class:`RowPlan` says which rows are text and which are vision, each modality in increasing row order:
+Megatron keeps activations as ``[s, b, h]``; flattened, row ``t*b + j`` is position ``t`` of sample ``j``. Libra
+keeps its residual stream **sorted by modality** (docs/design.md, "Model"): the embedding writes the text rows
+(in increasing row order) followed by the vision rows, every layer works on those two row blocks, and only the
+outputs that leave the model in sequence order (the per-position loss, the logits) are put back once. A
+:class:`RowPlan` is that permutation:
 
-* **segment plan** (the common case: every sample of the micro-batch has the same layout, e.g. ``<s>``, one
-  578-position image, caption): each modality is a few contiguous row ranges, so splitting is slicing (a view
-  when a modality is one range) and merging is one ``cat``;
+* **segment plan** (every sample of the micro-batch has the same layout, e.g. ``<s>``, one 578-position image,
+  caption): each modality is a few contiguous row ranges, so sorting and unsorting are slices and one ``cat``;
 * **index plan** (layouts differ between samples, packed samples): a permutation (text rows first) and its
-  inverse; splitting and merging are one gather / scatter each.
+  inverse; sorting and unsorting are one gather each.
 
-Both are custom autograd functions whose backward is the exact inverse permutation (no ``index_add``, no
-``zeros + slice`` accumulation). :class:`ModalityRouting` holds the plan for the full sequence, the plan for this
-rank's sequence-parallel chunk, the time segments the attention uses, and the CLIP row map. It is built from
-``vision_indices`` on the host (one device-to-host copy of ``[B, L]`` when the input lives on the GPU; none when
-the data loader hands in a CPU tensor), which is also where malformed image spans are rejected.
+Both are plain differentiable torch ops. :class:`ModalityRouting` holds the plan, this rank's sequence-parallel
+chunk of the sorted stream, the time segments the attention uses, the CLIP row map and the modality flag. It is
+built from ``vision_indices`` on the host (one device-to-host copy of ``[B, L]`` when the input lives on the GPU;
+none when the data loader hands in a CPU tensor), which is also where malformed image spans are rejected.
 """
 from __future__ import annotations
 
@@ -46,48 +47,6 @@ def _runs(flags: Tensor) -> List[Segment]:
     values = flags[starts].tolist()
     ends = starts[1:] + [n]
     return [(s, e, bool(v)) for s, e, v in zip(starts, ends, values)]
-
-
-class _SplitBySegments(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: "RowPlan"):  # type: ignore[override]
-        ctx.plan, ctx.tail = plan, x.shape[1:]
-        return plan._cat_slices(x, False), plan._cat_slices(x, True)
-
-    @staticmethod
-    def backward(ctx, grad_text: Optional[Tensor], grad_vision: Optional[Tensor]):  # type: ignore[override]
-        return ctx.plan._interleave(grad_text, grad_vision, ctx.tail), None
-
-
-class _MergeBySegments(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, text: Tensor, vision: Tensor, plan: "RowPlan"):  # type: ignore[override]
-        ctx.plan = plan
-        return plan._interleave(text, vision, text.shape[1:])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return ctx.plan._cat_slices(grad, False), ctx.plan._cat_slices(grad, True), None
-
-
-class _MergeAddBySegments(torch.autograd.Function):
-    """residual + merge(text, vision), written once into a fresh tensor."""
-
-    @staticmethod
-    def forward(ctx, residual: Tensor, text: Tensor, vision: Tensor, plan: "RowPlan"):  # type: ignore[override]
-        ctx.plan = plan
-        out = torch.empty_like(residual)
-        offsets = {False: 0, True: 0}
-        for start, end, is_vision in plan.segments:
-            part = vision if is_vision else text
-            n = end - start
-            torch.add(residual[start:end], part[offsets[is_vision]:offsets[is_vision] + n], out=out[start:end])
-            offsets[is_vision] += n
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, ctx.plan._cat_slices(grad, False), ctx.plan._cat_slices(grad, True), None
 
 
 class _MergeBridgedBySegments(torch.autograd.Function):
@@ -138,38 +97,6 @@ class _MergeBridgedBySegments(torch.autograd.Function):
         return tuple(result)
 
 
-class _SplitByIndex(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: "RowPlan"):  # type: ignore[override]
-        ctx.plan = plan
-        rows = x.index_select(0, plan.permutation)
-        return rows[: plan.num_text], rows[plan.num_text:]
-
-    @staticmethod
-    def backward(ctx, grad_text: Optional[Tensor], grad_vision: Optional[Tensor]):  # type: ignore[override]
-        plan = ctx.plan
-        ref = grad_text if grad_text is not None else grad_vision
-        tail = ref.shape[1:]
-        grad_text = grad_text if grad_text is not None else ref.new_zeros((plan.num_text, *tail))
-        grad_vision = grad_vision if grad_vision is not None else ref.new_zeros((plan.num_vision, *tail))
-        return torch.cat([grad_text, grad_vision]).index_select(0, plan.inverse_permutation), None
-
-
-class _MergeByIndex(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, text: Tensor, vision: Tensor, plan: "RowPlan"):  # type: ignore[override]
-        ctx.plan = plan
-        out = text.new_empty((plan.num_rows, *text.shape[1:]))
-        out.index_copy_(0, plan.text_index, text)
-        out.index_copy_(0, plan.vision_index, vision)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        rows = grad.index_select(0, ctx.plan.permutation)
-        return rows[: ctx.plan.num_text], rows[ctx.plan.num_text:], None
-
-
 @dataclass(eq=False)
 class RowPlan:
     """Text/vision partition of ``num_rows`` flattened rows (see the module docstring)."""
@@ -191,27 +118,35 @@ class RowPlan:
         return self.permutation[self.num_text:]
 
     # -- public ops (x has num_rows leading rows: either [rows, ...] or [s, b, ...]) ---------------------------
-    def split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Rows of ``x`` -> (text rows, vision rows), each in increasing row order."""
+    def sort(self, x: Tensor) -> Tensor:
+        """Rows of ``x`` in sequence order -> sorted by modality (text rows, then vision rows), ``[rows, ...]``."""
         x = self._rows(x)
         if self.segments is not None:
-            return _SplitBySegments.apply(x, self)
-        return _SplitByIndex.apply(x, self)
+            pieces = [x[s:e] for s, e, v in self.segments if not v] + [x[s:e] for s, e, v in self.segments if v]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return x.index_select(0, self.permutation)
 
-    def merge(self, text: Tensor, vision: Tensor) -> Tensor:
-        """Inverse of :meth:`split`: ``[num_rows, ...]``."""
-        if self.segments is not None:
-            return _MergeBySegments.apply(text, vision, self)
-        return _MergeByIndex.apply(text, vision, self)
+    def unsort(self, rows: Tensor) -> Tensor:
+        """Inverse of :meth:`sort`: modality-sorted rows ``[rows, ...]`` -> sequence order ``[rows, ...]``."""
+        if rows.shape[0] != self.num_rows:
+            raise ValueError(f"routing expects {self.num_rows} rows, got a tensor of shape {tuple(rows.shape)}")
+        if self.segments is None:
+            return rows.index_select(0, self.inverse_permutation)
+        offsets, pieces = {False: 0, True: self.num_text}, []
+        for start, end, is_vision in self.segments:
+            pieces.append(rows[offsets[is_vision]:offsets[is_vision] + end - start])
+            offsets[is_vision] += end - start
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def merge_add(self, residual: Tensor, text: Tensor, vision: Tensor) -> Tensor:
-        """``residual + merge(text, vision)`` with the shape of ``residual``."""
-        rows = self._rows(residual)
-        if self.segments is not None:
-            out = _MergeAddBySegments.apply(rows, text, vision, self)
-        else:
-            out = rows + self.merge(text, vision)
-        return out.view(residual.shape)
+    def take(self, x: Tensor, vision: bool) -> Tensor:
+        """The rows of one modality of ``x`` (sequence order), in increasing row order."""
+        x = self._rows(x)
+        if self.segments is None:
+            return x.index_select(0, self.vision_index if vision else self.text_index)
+        pieces = [x[s:e] for s, e, v in self.segments if v == vision]
+        if not pieces:
+            return x.new_empty((0, *x.shape[1:]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def merge_bridged(
         self, text: Tensor, vision: Tensor, text_delta: Optional[Tensor] = None,
@@ -235,15 +170,12 @@ class RowPlan:
         for text, vision, text_delta, vision_delta, rows in groups:
             text = text if text_delta is None else text + text_delta
             vision = vision if vision_delta is None else vision + vision_delta
-            outs.append(self.merge(text, vision)[:rows])
+            outs.append(self.unsort(torch.cat([text, vision]))[:rows])
         return outs
 
     def split_constant(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """:meth:`split` for tensors without autograd history (tables, labels)."""
-        x = self._rows(x)
-        if self.segments is not None:
-            return self._cat_slices(x, False), self._cat_slices(x, True)
-        rows = x.index_select(0, self.permutation)
+        """(text rows, vision rows) of a tensor without autograd history (tables, labels, ids)."""
+        rows = self.sort(x)
         return rows[: self.num_text], rows[self.num_text:]
 
     def to(self, device: torch.device) -> "RowPlan":
@@ -263,35 +195,11 @@ class RowPlan:
             raise ValueError(f"routing expects {self.num_rows} rows, got a tensor of shape {tuple(x.shape)}")
         return x
 
-    def _cat_slices(self, x: Tensor, vision: bool) -> Tensor:
-        pieces = [x[s:e] for s, e, v in self.segments if v == vision]
-        if not pieces:
-            return x.new_empty((0, *x.shape[1:]))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _interleave(self, text: Optional[Tensor], vision: Optional[Tensor], tail) -> Tensor:
-        ref = text if text is not None else vision
-        pieces, offsets = [], {False: 0, True: 0}
-        for start, end, is_vision in self.segments:
-            part = vision if is_vision else text
-            n = end - start
-            if part is None:
-                pieces.append(ref.new_zeros((n, *tail)))
-            else:
-                pieces.append(part[offsets[is_vision]:offsets[is_vision] + n])
-            offsets[is_vision] += n
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _segment_plan(time_segments: List[Segment], batch: int, t0: int = 0, t1: Optional[int] = None) -> RowPlan:
-    t1 = t1 if t1 is not None else time_segments[-1][1]
-    rows: List[Segment] = []
-    for start, end, vision in time_segments:
-        lo, hi = max(start, t0), min(end, t1)
-        if lo < hi:
-            rows.append(((lo - t0) * batch, (hi - t0) * batch, vision))
+def _segment_plan(time_segments: List[Segment], batch: int) -> RowPlan:
+    rows = [(start * batch, end * batch, vision) for start, end, vision in time_segments]
     num_vision = sum(e - s for s, e, v in rows if v)
-    total = (t1 - t0) * batch
+    total = time_segments[-1][1] * batch
     return RowPlan(total, total - num_vision, num_vision, segments=rows)
 
 
@@ -310,8 +218,11 @@ class ModalityRouting:
     seq_length: int
     batch: int
     full: RowPlan
-    local: RowPlan
-    """Plan of this rank's sequence-parallel chunk (== ``full`` without SP)."""
+    local_rows: int
+    """Rows of the sorted stream this rank holds: all of them, or its sequence-parallel chunk (``rows / tp``)."""
+    local_text_rows: int
+    """How many of those are text rows (the chunk's first rows; SP chunk ``r`` is sorted rows
+    ``[r * local_rows, (r + 1) * local_rows)``)."""
     time_segments: Optional[List[Segment]]
     """Fast path only: (t0, t1, is_vision) runs shared by every sample."""
     is_vision: Tensor
@@ -364,24 +275,21 @@ class ModalityRouting:
         packed = seg is not None and bool((seg != seg[:, :1]).any())
         uniform = not force_index_plan and not packed and bool((flag == flag[:1]).all())
 
-        chunk = seq // sequence_parallel_size
-        c0, c1 = sequence_parallel_rank * chunk, (sequence_parallel_rank + 1) * chunk
         if uniform:
             time_segments = _runs(flag[0])
             full = _segment_plan(time_segments, batch)
-            local = full if sequence_parallel_size == 1 else _segment_plan(time_segments, batch, c0, c1)
             mask = None
         else:
             time_segments = None
-            flat = flag.t().reshape(-1)
-            full = _index_plan(flat)
-            local = full if sequence_parallel_size == 1 else _index_plan(flat[c0 * batch:c1 * batch])
+            full = _index_plan(flag.t().reshape(-1))
             mask = None
             if packed:
                 causal = torch.ones(seq, seq, dtype=torch.bool).tril()
                 mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [B, L, L]
                 mask = mask.unsqueeze(1).to(device, non_blocking=True)
-        full.batch = local.batch = batch
+        full.batch = batch
+        local_rows = full.num_rows // sequence_parallel_size
+        local_text = min(max(full.num_text - sequence_parallel_rank * local_rows, 0), local_rows)
 
         num_images = int((vi == 0).sum())
         clip_rows = _clip_rows(vi, full, vocab)
@@ -389,7 +297,8 @@ class ModalityRouting:
             seq_length=seq,
             batch=batch,
             full=full.to(device),
-            local=local.to(device),
+            local_rows=local_rows,
+            local_text_rows=local_text,
             time_segments=time_segments,
             is_vision=flag,
             vision_mask=flag.to(device, non_blocking=True),
