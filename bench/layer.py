@@ -177,7 +177,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 routing = ModalityRouting.build(vi, config.vocab, device=torch.device(device),
                                                 force_index_plan=case == "libra_index")
-                routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base,
+                routing.rotary = RotaryTables.build(position_ids, config.kv_channels, config.rotary_base,
                                                     dtype)
                 if device == "cuda":
                     torch.cuda.synchronize()

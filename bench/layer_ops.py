@@ -156,12 +156,16 @@ class _FusedRegion(torch.autograd.Function):
             return fn(*inputs)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, *grad):  # type: ignore[override]
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         with torch.profiler.record_function(f"{_FUSED}{ctx.name}_backward"), torch.enable_grad():
             out = ctx.fn(*inputs)
+            out = list(out) if isinstance(out, (tuple, list)) else [out]
+            pairs = [(o, g) for o, g in zip(out, grad) if o.requires_grad and g is not None]
             wanted = [t for t in inputs if t.requires_grad]
-            grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else []
+            grads = (list(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                              allow_unused=True)) if wanted and pairs else [None] * len(wanted))
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted)]
             # a CUDA kernel writes each input gradient in that input's layout (e.g. flash attention's dq)
             grads = iter([g if g is None or g.stride() == t.stride() else torch.empty_like(t).copy_(g)
                           for g, t in zip(grads, wanted)])
@@ -170,11 +174,27 @@ class _FusedRegion(torch.autograd.Function):
 
 def _as_gpu_kernels() -> None:
     """Make the CPU op graph look like the GPU one where the CPU decomposes a fused GPU kernel: RMSNorm
-    (``_fused_rms_norm`` on CUDA, one node) and RoPE (the Triton kernel, one node) become one region each."""
+    (``_fused_rms_norm`` on CUDA, one node), RoPE, SwiGLU and the attention inputs (Triton kernels, one node
+    each) become one region each."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import CausalBias
 
-    from libra_megatron.model import bridge_attention, fusions  # noqa: F401  (import before patching)
+    from libra_megatron.model import attention_inputs, bridge_attention, fusions, mlp  # noqa: F401
+
+    def fused_attention_inputs(qkv_t, qkv_v, bridge_t, bridge_v, *rest):
+        def fn(a, b, c, d):
+            return attention_inputs.attention_inputs_reference(a, b, c, d, *rest)
+
+        return _FusedRegion.apply("attention_inputs", fn, qkv_t, qkv_v, bridge_t, bridge_v)
+
+    def fused_swiglu(gate, up):
+        return _FusedRegion.apply("swiglu", fusions.swiglu_reference, gate, up)
+
+    def fused_swiglu_packed(gate_up):
+        return _FusedRegion.apply("swiglu", lambda x: fusions.swiglu_reference(*x.chunk(2, dim=-1)), gate_up)
+
+    bridge_attention.attention_inputs = fused_attention_inputs
+    mlp.swiglu, mlp.swiglu_fused = fused_swiglu, fused_swiglu_packed
 
     rms_norm = F.rms_norm
 
@@ -232,7 +252,7 @@ def main() -> None:
             layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index")
             vi, position_ids, _, _ = _batch(args, device, config)
             routing = ModalityRouting.build(vi, config.vocab, force_index_plan=case == "libra_index")
-            routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base,
+            routing.rotary = RotaryTables.build(position_ids, config.kv_channels, config.rotary_base,
                                                 dtype)
             # the modality-sorted residual stream a layer reads and writes: (text rows, vision rows)
             stream = [torch.randn(n, h, requires_grad=True) for n in (routing.full.num_text, routing.full.num_vision)]

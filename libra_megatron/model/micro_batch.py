@@ -49,7 +49,7 @@ def build_micro_batch_routing(
             check_ids("labels", labels, vision_indices, routing.is_vision, config.vocab)
         routing.inputs_checked = tokens is not None and labels is not None
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else config.params_dtype
-    routing.rotary = RotaryTables.build(position_ids.to(device, non_blocking=True), routing.full,
+    routing.rotary = RotaryTables.build(position_ids.to(device, non_blocking=True),
                                         config.kv_channels, config.rotary_base, dtype)
     return routing
 

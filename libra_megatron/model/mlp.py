@@ -18,7 +18,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.fusions import swiglu
+from libra_megatron.model.fusions import swiglu, swiglu_fused
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
     column_parallel,
@@ -55,8 +55,7 @@ class LibraRoutedMLP(MegatronModule):
         return self._forward(text, vision)
 
     def _forward(self, text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
-        gate, up = text_column(text, self.linear_fc1.weight).chunk(2, dim=-1)
-        out_t = text_row(swiglu(gate, up), self.linear_fc2.weight)
+        out_t = text_row(swiglu_fused(text_column(text, self.linear_fc1.weight)), self.linear_fc2.weight)
         a_gate, a_up = expert_column_a(vision, self.vision_fc1_a.weight).split(self.ffn_rank, dim=1)
         hidden_v = swiglu(F.linear(a_gate, self.vision_gate_b.weight), F.linear(a_up, self.vision_up_b.weight))
         out_v = expert_row(hidden_v, self.vision_fc2_a.weight, self.vision_fc2_b.weight)

@@ -1,7 +1,7 @@
 """Rotary position tables built once per micro-batch from ``position_ids`` (HF LLaMA ``rotate_half`` layout).
 
 Positions are per sample (packed samples restart at 0), so the tables are ``[s, b, 1, d]`` in Megatron's
-sequence-first order, plus the same rows split by modality for the routed queries.
+sequence-first order (the fused attention inputs read the row of each query and key there, attention_inputs.py).
 """
 from __future__ import annotations
 
@@ -10,28 +10,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from libra_megatron.model.routing import RowPlan
 
 
 @dataclass(eq=False)
 class RotaryTables:
-    """cos and signed sin (``[-sin_1, sin_2]``, see fusions.rope_reference) in sequence order ``[s, b, 1, d]`` and split by
-    modality ``[n_text|n_vision, 1, d]``."""
+    """cos and signed sin (``[-sin_1, sin_2]``, see fusions.rope_reference) in sequence order ``[s, b, 1, d]``."""
 
     cos: Tensor
     sin: Tensor
-    cos_text: Tensor
-    sin_text: Tensor
-    cos_vision: Tensor
-    sin_vision: Tensor
 
     @classmethod
-    def build(cls, position_ids: Tensor, plan: RowPlan, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
+    def build(cls, position_ids: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
         """``position_ids [B, L]`` → tables; frequencies in fp32, cast to the activation dtype like HF."""
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
         freqs = (position_ids.t().float()[..., None] * inv_freq).unsqueeze(2)  # [s, b, 1, d/2]
         cos_half, sin_half = freqs.cos().to(dtype), freqs.sin().to(dtype)  # trig on half the width (HF repeats it)
         cos, sin = torch.cat([cos_half, cos_half], dim=-1), torch.cat([-sin_half, sin_half], dim=-1)
-        cos_text, cos_vision = plan.split_constant(cos)
-        sin_text, sin_vision = plan.split_constant(sin)
-        return cls(cos, sin, cos_text, sin_text, cos_vision, sin_vision)
+        return cls(cos, sin)

@@ -133,17 +133,16 @@ def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Ten
     return F.linear(reduce_from_tp(F.linear(x_shard, weight_a_shard)), weight_b)
 
 
-def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
     """Several expert B's of equal shape ``[out, rank]`` in one batched GEMM: ``a = [a_1 ‖ … ‖ a_k]`` ``[n, k·rank]``
-    (any row stride) → ``(a_1 B_1^T, …, a_k B_k^T)``, each a contiguous ``[n, out]``. One launch instead of k
-    forward and one instead of 2k backward (the expert's GEMMs are small enough to be launch-bound on the host);
-    ``unbind`` (not indexing) so the backward stacks the k gradients in one op."""
+    (any row stride) → ``[k, n, out]`` = stacked ``a_i B_i^T``. One launch instead of k forward and one instead of
+    2k backward (the expert's GEMMs are small enough to be launch-bound on the host); consumers read the stacked
+    result (and write its gradient) in place, so no unbind/stack copies."""
     n, rank = a.shape[0], weights[0].shape[1]
-    out = torch.bmm(a.view(n, len(weights), rank).transpose(0, 1), torch.stack(list(weights)).transpose(1, 2))
-    return out.unbind(0)
+    return torch.bmm(a.view(n, len(weights), rank).transpose(0, 1), torch.stack(list(weights)).transpose(1, 2))
 
 
 def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:
     """The k and v bridge B's of one modality: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` → ``(a_k B_k^T, a_v B_v^T)``."""
-    delta_k, delta_v = batched_b(a, (weight_k, weight_v))
+    delta_k, delta_v = batched_b(a, (weight_k, weight_v)).unbind(0)
     return delta_k, delta_v

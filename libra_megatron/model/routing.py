@@ -19,7 +19,7 @@ none when the data loader hands in a CPU tensor), which is also where malformed 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,54 +49,6 @@ def _runs(flags: Tensor) -> List[Segment]:
     return [(s, e, bool(v)) for s, e, v in zip(starts, ends, values)]
 
 
-class _MergeBridgedBySegments(torch.autograd.Function):
-    """Several merges at once (one autograd node): for each group, the first ``rows`` rows of
-    merge(text + text_delta, vision + vision_delta), written once (deltas optional)."""
-
-    @staticmethod
-    def forward(ctx, plan: "RowPlan", groups, *tensors):  # type: ignore[override]
-        """``groups``: per group (rows, has_text_delta, has_vision_delta); ``tensors``: per group text, vision and
-        the deltas present, in that order."""
-        ctx.plan, ctx.groups = plan, groups
-        ctx.sizes = []
-        outs, pos = [], 0
-        for rows, has_td, has_vd in groups:
-            text, vision = tensors[pos], tensors[pos + 1]
-            text_delta = tensors[pos + 2] if has_td else None
-            vision_delta = tensors[pos + 2 + has_td] if has_vd else None
-            pos += 2 + has_td + has_vd
-            ctx.sizes.append((text.shape[0], vision.shape[0]))
-            out = text.new_empty((rows, *text.shape[1:]))
-            offsets = {False: 0, True: 0}
-            for start, end, is_vision in plan.segments:
-                if start >= rows:
-                    break
-                part, delta = (vision, vision_delta) if is_vision else (text, text_delta)
-                lo, n = offsets[is_vision], end - start
-                if delta is None:
-                    out[start:end].copy_(part[lo:lo + n])
-                else:
-                    torch.add(part[lo:lo + n], delta[lo:lo + n], out=out[start:end])
-                offsets[is_vision] += n
-            outs.append(out)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        plan, result = ctx.plan, [None, None]
-        for (rows, has_td, has_vd), grad, sizes in zip(ctx.groups, grads, ctx.sizes):
-            parts = []
-            for is_vision in (False, True):
-                pieces = [grad[s:e] for s, e, v in plan.segments if v == is_vision and s < rows]
-                missing = sizes[is_vision] - sum(p.shape[0] for p in pieces)
-                if missing:
-                    pieces.append(grad.new_zeros((missing, *grad.shape[1:])))
-                parts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces
-                             else grad.new_zeros((0, *grad.shape[1:])))
-            result += [parts[0], parts[1]] + ([parts[0]] if has_td else []) + ([parts[1]] if has_vd else [])
-        return tuple(result)
-
-
 @dataclass(eq=False)
 class RowPlan:
     """Text/vision partition of ``num_rows`` flattened rows (see the module docstring)."""
@@ -104,9 +56,12 @@ class RowPlan:
     num_rows: int
     num_text: int
     num_vision: int
-    segments: Optional[List[Segment]] = None
-    permutation: Optional[Tensor] = None
-    inverse_permutation: Optional[Tensor] = None
+    segments: Optional[List[Segment]]
+    """Segment plan: (start, end, is_vision) row ranges in sequence order; None for an index plan."""
+    permutation: Tensor
+    """Sequence row of each sorted row (``[num_rows]``, int64)."""
+    inverse_permutation: Tensor
+    """Sorted row of each sequence row."""
     batch: int = 0  # b of the [s, b, ...] activations these rows come from (0: only flat rows are accepted)
 
     @property
@@ -148,40 +103,14 @@ class RowPlan:
             return x.new_empty((0, *x.shape[1:]))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def merge_bridged(
-        self, text: Tensor, vision: Tensor, text_delta: Optional[Tensor] = None,
-        vision_delta: Optional[Tensor] = None, rows: Optional[int] = None,
-    ) -> Tensor:
-        """First ``rows`` rows (default all) of ``merge(text + text_delta, vision + vision_delta)``.
-
-        Segment plans write each row once; ``rows`` must end on a segment boundary.
-        """
-        return self.merge_bridged_many([(text, vision, text_delta, vision_delta, rows)])[0]
-
-    def merge_bridged_many(self, groups: Sequence[tuple]) -> List[Tensor]:
-        """:meth:`merge_bridged` of several ``(text, vision, text_delta, vision_delta, rows)`` groups; a segment
-        plan does them all in one autograd node (host time per step matters more than the few copies)."""
-        groups = [(t, v, td, vd, self.num_rows if rows is None else rows) for t, v, td, vd, rows in groups]
-        if self.segments is not None:
-            spec = tuple((rows, td is not None, vd is not None) for _, _, td, vd, rows in groups)
-            tensors = [x for t, v, td, vd, _ in groups for x in (t, v, td, vd) if x is not None]
-            return list(_MergeBridgedBySegments.apply(self, spec, *tensors))
-        outs = []
-        for text, vision, text_delta, vision_delta, rows in groups:
-            text = text if text_delta is None else text + text_delta
-            vision = vision if vision_delta is None else vision + vision_delta
-            outs.append(self.unsort(torch.cat([text, vision]))[:rows])
-        return outs
-
     def split_constant(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(text rows, vision rows) of a tensor without autograd history (tables, labels, ids)."""
         rows = self.sort(x)
         return rows[: self.num_text], rows[self.num_text:]
 
     def to(self, device: torch.device) -> "RowPlan":
-        if self.permutation is None:
-            return self
-        return RowPlan(self.num_rows, self.num_text, self.num_vision, None,
+        """The plan with its index tensors on ``device``."""
+        return RowPlan(self.num_rows, self.num_text, self.num_vision, self.segments,
                        self.permutation.to(device, non_blocking=True),
                        self.inverse_permutation.to(device, non_blocking=True), self.batch)
 
@@ -198,17 +127,24 @@ class RowPlan:
 
 def _segment_plan(time_segments: List[Segment], batch: int) -> RowPlan:
     rows = [(start * batch, end * batch, vision) for start, end, vision in time_segments]
+    order = [torch.arange(s, e) for s, e, v in rows if not v] + [torch.arange(s, e) for s, e, v in rows if v]
+    permutation = torch.cat(order)
     num_vision = sum(e - s for s, e, v in rows if v)
-    total = time_segments[-1][1] * batch
-    return RowPlan(total, total - num_vision, num_vision, segments=rows)
+    return RowPlan(permutation.numel(), permutation.numel() - num_vision, num_vision, rows, permutation,
+                   _inverse(permutation))
 
 
 def _index_plan(flat_vision: Tensor) -> RowPlan:
     permutation = torch.argsort(flat_vision.to(torch.int8), stable=True)
+    num_vision = int(flat_vision.sum())
+    return RowPlan(flat_vision.numel(), flat_vision.numel() - num_vision, num_vision, None, permutation,
+                   _inverse(permutation))
+
+
+def _inverse(permutation: Tensor) -> Tensor:
     inverse = torch.empty_like(permutation)
     inverse[permutation] = torch.arange(permutation.numel())
-    num_vision = int(flat_vision.sum())
-    return RowPlan(flat_vision.numel(), flat_vision.numel() - num_vision, num_vision, None, permutation, inverse)
+    return inverse
 
 
 @dataclass(eq=False)
