@@ -191,7 +191,7 @@ def _as_gpu_kernels() -> None:
         return _FusedRegion.apply("swiglu", fusions.swiglu_reference, gate, up)
 
     def fused_swiglu_packed(gate_up):
-        return _FusedRegion.apply("swiglu", lambda x: fusions.swiglu_reference(*x.chunk(2, dim=-1)), gate_up)
+        return _FusedRegion.apply("swiglu", lambda x: fusions.swiglu_reference(*fusions._halves(x)), gate_up)
 
     bridge_attention.attention_inputs = fused_attention_inputs
     mlp.swiglu, mlp.swiglu_fused = fused_swiglu, fused_swiglu_packed

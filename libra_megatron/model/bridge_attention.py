@@ -43,6 +43,7 @@ from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
     batched_b,
     column_parallel,
+    expert_b_groups,
     expert_column_a,
     expert_row,
     normal_init,
@@ -106,12 +107,10 @@ class LibraBridgeAttention(MegatronModule):
         bridge_t = batched_b(expert_column_a(text, self.text_bridge_a.weight),
                              (self.text_bridge_k_b.weight, self.text_bridge_v_b.weight)).view(2, n_text, heads, d)
         # vision expert projections [3, n_v, heads, d] and vision-key bridge deltas [2, n_v, heads, d]
-        a_qkv, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
-            [3 * self.rank, 2 * self.bridge_rank], dim=1)
-        qkv_v = batched_b(a_qkv, (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight)).view(
-            3, n_vision, heads, d)
-        bridge_v = batched_b(a_bridge, (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)).view(
-            2, n_vision, heads, d)
+        qkv_v, bridge_v = expert_b_groups(expert_column_a(vision, self.vision_qkv_a.weight), [
+            (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight),
+            (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)])
+        qkv_v, bridge_v = qkv_v.view(3, n_vision, heads, d), bridge_v.view(2, n_vision, heads, d)
         core = self._segment_attention if routing.uniform else self._index_attention
         args = (qkv_t, qkv_v, bridge_t, bridge_v)
         if self.checkpoint_core:

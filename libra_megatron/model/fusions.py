@@ -53,10 +53,19 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def swiglu_fused(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` of megatron's fc1 output ``[n, 2f]`` = ``[gate | up]``; the gradient is one ``[n, 2f]``."""
-    if not triton_usable(gate_up) or gate_up.dim() != 2 or gate_up.stride(-1) != 1:
-        return swiglu_reference(*gate_up.chunk(2, dim=-1))
+    """``silu(gate) * up`` of one tensor holding both: megatron's fc1 output ``[n, 2f]`` = ``[gate | up]``, or the
+    expert's stacked ``[2, n, f]``; the gradient is one tensor of that layout (no split/cat)."""
+    if not triton_usable(gate_up) or gate_up.dim() not in (2, 3) or gate_up.stride(-1) != 1:
+        return swiglu_reference(*_halves(gate_up))
     return _FusedSwiGLUPacked.apply(gate_up)
+
+
+def _halves(gate_up: Tensor) -> Tuple[Tensor, Tensor]:
+    """(gate, up) views of ``[n, 2f]`` (column halves) or ``[2, n, f]`` (planes)."""
+    if gate_up.dim() == 3:
+        return gate_up[0], gate_up[1]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gate, up
 
 
 if triton is not None:
@@ -135,15 +144,14 @@ class _FusedSwiGLUPacked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: Tensor):  # type: ignore[override]
         ctx.save_for_backward(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return _swiglu_launch(gate, up)
+        return _swiglu_launch(*_halves(gate_up))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (gate_up,) = ctx.saved_tensors
         d_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        gate, up = gate_up.chunk(2, dim=-1)
-        dgate, dup = d_gate_up.chunk(2, dim=-1)
+        gate, up = _halves(gate_up)
+        dgate, dup = _halves(d_gate_up)
         _swiglu_launch(gate, up, grad.contiguous(), dgate, dup)
         return d_gate_up
 

@@ -82,6 +82,13 @@ def check_swiglu(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Non
         out.backward(grad.to(device, dtype))
         ref.backward(grad)
         torch.testing.assert_close(gate_up.grad.float(), ref_in.grad, **tol)
+        stacked = torch.randn(2, n, f, generator=g).to(device, dtype).requires_grad_(True)
+        stacked_ref = stacked.detach().float().requires_grad_(True)
+        out, ref = swiglu_fused(stacked), swiglu_reference(stacked_ref[0], stacked_ref[1])
+        torch.testing.assert_close(out.float(), ref.detach(), **tol)
+        out.backward(grad.to(device, dtype))
+        ref.backward(grad)
+        torch.testing.assert_close(stacked.grad.float(), stacked_ref.grad, **tol)
         gate = torch.randn(n, f, generator=g).to(device, dtype).requires_grad_(True)
         up = torch.randn(n, f, generator=g).to(device, dtype).requires_grad_(True)
         gr, ur = gate.detach().float().requires_grad_(True), up.detach().float().requires_grad_(True)
@@ -93,9 +100,30 @@ def check_swiglu(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Non
         torch.testing.assert_close(up.grad.float(), ur.grad, **tol)
 
 
+def check_rope(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """The RoPE kernel on a strided view (the k of a fused QKV) == the reference, values and grads."""
+    from libra_megatron.model.fusions import apply_rope, rope_reference
+
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for n, heads, d in [(37, 3, 16), (5, 5, 12)]:
+        x = torch.randn(n, heads, 3, d, generator=g).to(device, dtype)[:, :, 1]
+        angles = torch.rand(n, 1, d // 2, generator=g) * 50
+        cos = torch.cat([angles.cos(), angles.cos()], -1).to(device, dtype)
+        sin = torch.cat([-angles.sin(), angles.sin()], -1).to(device, dtype)
+        xr, xf = x.detach().float().requires_grad_(True), x.detach().clone().requires_grad_(True)
+        ref, out = rope_reference(xr, cos.float(), sin.float()), apply_rope(xf, cos, sin)
+        torch.testing.assert_close(out.float(), ref.detach(), **tol)
+        grad = torch.randn(n, heads, d, generator=g)
+        ref.backward(grad)
+        out.backward(grad.to(device, dtype))
+        torch.testing.assert_close(xf.grad.float(), xr.grad, **tol)
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     for dtype in (torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16):
         check_attention_inputs(device, dtype)
         check_swiglu(device, dtype)
+        check_rope(device, dtype)
     print("fused kernels match their references on", device)

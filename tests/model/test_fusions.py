@@ -1,6 +1,10 @@
-"""The layer's fused kernels against their PyTorch references: RoPE (Triton on GPU; skipped without CUDA) and the
-batched bridge GEMM."""
+"""The layer's fused kernels against their PyTorch references: RoPE, SwiGLU and the attention inputs (Triton; on CPU
+through Triton's interpreter, on GPU natively), the batched bridge GEMM, and the swappable attention core."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +60,23 @@ def test_triton_rope_matches_reference(dtype, heads: int, d: int) -> None:
     torch.testing.assert_close(xf.grad.float(), xr.grad, **tol)
     empty = apply_rope(x[:0], cos[:0], sin_signed[:0])
     assert empty.shape == (0, heads, d)
+
+
+def test_triton_kernels_match_references_in_the_interpreter() -> None:
+    """Every Triton kernel of the layer (attention inputs, SwiGLU, RoPE) against its reference, values and grads,
+    run by Triton's interpreter on CPU tensors (it must be switched on before triton is imported: a subprocess)."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "model", "fused_kernel_checks.py"), "cpu"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fused kernels match their references on cpu" in result.stdout
+
+
+def test_cpu_fallbacks_are_the_references() -> None:
+    from libra_megatron.model.fusions import swiglu, swiglu_fused, swiglu_reference
+
+    gate_up = torch.randn(5, 12)
+    assert torch.equal(swiglu_fused(gate_up), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
+    assert torch.equal(swiglu(gate_up[:, :6], gate_up[:, 6:]), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
