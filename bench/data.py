@@ -167,7 +167,7 @@ def bench_read(count: int, reads: int, workdir: str) -> None:
 
 
 def bench_preprocess(images: int, workers: int, device: str, workdir: str, batch_size: int, full_size: bool) -> None:
-    from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
+    from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
     from libra_megatron.data.sentencepiece_training import train_sentencepiece
 
     tokenizer_dir = None
@@ -188,7 +188,7 @@ def bench_preprocess(images: int, workers: int, device: str, workdir: str, batch
     # the per-image CPU work of a decode worker (read, decode, validate, pad/resize/crop, WebP, caption), 1 thread
     import torch
 
-    from libra_megatron.data.prepare import PrepareSettings, prepare_record
+    from libra_megatron.data.preprocess_worker import PrepareSettings, prepare_record
     from libra_megatron.data.sources import build_source
     from libra_megatron.data.text_tokenizer import TextTokenizer
 

@@ -4,7 +4,7 @@ weights, forward + backward, in the same run.
     python bench/layer.py --small                 # CPU, small widths (a smoke run)
     python bench/layer.py --device cuda           # 7B shapes, bf16: b=8, s=700 = <s> + 578 image + 121 text
 
-Model FLOPs (honest accounting, as shared/bench/layer_probe.py): frozen text weights 4N per token (input grads
+Model FLOPs (honest accounting): frozen text weights 4N per token (input grads
 only), the low-rank expert on image tokens 6N (input and weight grads), the bridge maps 6N on every token,
 attention counted once (causal: 2·b·s²·h forward, ×3 with backward) — a Libra layer that computed attention
 twice is charged for it in time, not credited in FLOPs. The dense layer: 4N on every token + attention.
@@ -89,7 +89,7 @@ def _init_megatron(device: str) -> None:
 def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool):
     from megatron.core.transformer.spec_utils import build_module
 
-    from libra_megatron.checkpoint.hf_libra_names import is_trainable_in_stage
+    from libra_megatron.model.training_stages import is_trainable_in_stage
     from libra_megatron.config import libra_config
     from libra_megatron.model.specs import get_libra_layer_spec
 

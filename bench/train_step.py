@@ -39,10 +39,10 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
 
     from libra_megatron.training.arguments import parse_args, validate_args
-    from libra_megatron.training.data import dataset_files
+    from libra_megatron.training.data_stream import dataset_files
     from libra_megatron.training.dry_run import _clip_parameters, estimate_memory
     from libra_megatron.training.loop import Trainer
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
     from libra_megatron.training.model_setup import count_parameters
     from libra_megatron.training.model_family import unwrap_model
 
@@ -57,7 +57,7 @@ def main() -> None:
              "--lr", "1e-4"] + (["--bf16"] if args.device == "cuda" else []) + extra
     train_args = parse_args(flags)
     family = get_family(train_args.model_family)
-    validate_args(train_args, 1, family.shape(train_args), dataset_files)
+    train_args = validate_args(train_args, 1, family.shape(train_args), dataset_files)
     trainer = Trainer(train_args, family)
     total, trainable = count_parameters([unwrap_model(m) for m in trainer.model])
     history = trainer.train()

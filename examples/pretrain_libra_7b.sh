@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Libra-7B pretraining (Libra-Base recipe, spec §4.2) on megatron-core, multi-node torchrun.
+# Libra-7B pretraining (Libra-Base recipe, docs/architecture.md#training-recipe) on megatron-core, multi-node torchrun.
 #
 #   On every node:  NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 \
 #                   DATA_PATH=/data/laion IMAGE_TOKENIZER=/ckpt/libra-vision-tokenizer \
@@ -32,7 +32,7 @@
 #     --sequence-parallel halves weights, grads and activations per GPU; --recompute-granularity selective|full
 #     trades compute for activation memory. Check any change with --dry-run first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "${LIBRA_ROOT:-$(dirname "$0")/..}"
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-8}
@@ -117,4 +117,4 @@ DISTRIBUTED_ARGS=(
     --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT"
 )
-exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"
+exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"

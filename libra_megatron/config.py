@@ -1,4 +1,4 @@
-"""LibraConfig: megatron-core's TransformerConfig plus the Libra fields, and the named presets (spec §1.1).
+"""LibraConfig: megatron-core's TransformerConfig plus the Libra fields, and the named presets (docs/architecture.md#config).
 
     config = libra_config("libra-7b", tensor_model_parallel_size=2, bf16=True, params_dtype=torch.bfloat16)
     config = libra_config("tiny")                       # tests and the CPU demo
@@ -55,7 +55,7 @@ class LibraConfig(TransformerConfig):
             raise ValueError("LibraConfig needs gated_linear_unit=True and add_bias_linear=False (LLaMA SwiGLU)")
         if self.hidden_dropout != 0.0 or self.attention_dropout != 0.0:
             raise ValueError(
-                f"Libra uses no dropout (spec §1.1); got hidden_dropout={self.hidden_dropout}, "
+                f"Libra uses no dropout (docs/architecture.md#config); got hidden_dropout={self.hidden_dropout}, "
                 f"attention_dropout={self.attention_dropout}"
             )
         if self.num_query_groups not in (None, self.num_attention_heads):
@@ -83,10 +83,6 @@ class LibraConfig(TransformerConfig):
             num_codebooks=self.num_codebooks,
             image_resolution=self.image_resolution,
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels
 
     @property
     def vision_embedding_size(self) -> int:
@@ -133,7 +129,7 @@ def _llama_fields() -> Dict[str, Any]:
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # the released libra-11b config (spec §1.1)
+    # the released libra-11b config (docs/architecture.md#config)
     "libra-7b": dict(
         num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008, layernorm_epsilon=1e-6,
         text_vocab_size=32000, codebook_size=512, num_codebooks=2, image_resolution=24, clip_feature_size=4096,

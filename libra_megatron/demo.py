@@ -156,8 +156,10 @@ def main(argv: List[str] | None = None) -> int:
     _banner("5/6 Libra pretraining, 2 processes (TP=2): LLM frozen, vision expert + bridge + heads train")
     checkpoints, metrics = os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl")
     half = args.steps // 2
+    from libra_megatron.training.distributed import free_port
+
     train = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(_free_port()), os.path.join(REPO, "pretrain_libra.py"),
+             "--master_port", str(free_port()), os.path.join(REPO, "pretrain_libra.py"),
              "--model", "tiny", "--stage", "pretrain", "--seq-length", "600", "--tensor-model-parallel-size", "2",
              "--micro-batch-size", "4", "--global-batch-size", str(args.global_batch_size),
              "--train-iters", str(args.steps), "--lr", "1e-2", "--lr-warmup-fraction", "0.05", "--min-lr", "1e-3",
@@ -202,14 +204,6 @@ def main(argv: List[str] | None = None) -> int:
     print(f"\nheld-out captions: {exact}/{len(heldout)} exact, {words}/{total_words} words in place; "
           f"demo finished in {time.time() - start:.0f} s (outputs in {out})")
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

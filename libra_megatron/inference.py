@@ -1,6 +1,6 @@
 """Captioning / visual question answering with an exported HF Libra model (the library side of ``tools/generate.py``).
 
-Prompts are built as id sequences directly (spec §2.6), exactly as the data pipeline builds instruction samples:
+Prompts are built as id sequences directly (docs/architecture.md#placing-images), exactly as the data pipeline builds instruction samples:
 
 * chat (Libra-Chat, vicuna_v1): ``<s>`` + ``SYSTEM USER:`` + image + ``\\n{question} ASSISTANT:``
 * raw (Libra-Base): ``<s>`` + image + ``\\n{prompt}`` (an empty prompt captions the image)

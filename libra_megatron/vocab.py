@@ -1,4 +1,4 @@
-"""The Libra id space shared by the tokenizer, the data pipeline and the model (spec §1.2, §2.5).
+"""The Libra id space shared by the tokenizer, the data pipeline and the model (docs/architecture.md#sequence-and-routing, docs/architecture.md#ids).
 
 Model-space ids, per codebook plane ``c`` (two planes):
     0 .. T-1            text ids (T = text vocab, 32000 for LLaMA-2; both planes hold the same id)

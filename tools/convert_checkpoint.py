@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert Libra checkpoints between Hugging Face and the libra-megatron engine (megatron-core dist checkpoints).
 
-    # start Libra pretraining from LLaMA-2 (vision parameters initialised as spec §1.8, pad row := eos row)
+    # start Libra pretraining from LLaMA-2 (vision parameters initialised as docs/architecture.md#initialisation, pad row := eos row)
     python tools/convert_checkpoint.py hf-llama-to-engine --source Llama-2-7b-chat-hf --output ckpt/libra-init \\
         --model libra-7b --target-tp 4 --target-pp 2 --bf16
     # export a trained checkpoint (any TP/PP it was saved at) to the HF Libra format
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name == "hf-llama-to-engine":
             p.add_argument("--seed", type=int, default=1234, help="seed of the new vision parameters (per key)")
             p.add_argument("--no-copy-eos-to-pad", action="store_true",
-                           help="keep embed_tokens[pad]; by default it becomes embed_tokens[eos] (spec §1.8)")
+                           help="keep embed_tokens[pad]; by default it becomes embed_tokens[eos] (docs/architecture.md#initialisation)")
         else:
             p.add_argument("--copy-eos-to-pad", action="store_true",
                            help="set embed_tokens[pad] := embed_tokens[eos] (the reference does it at each stage start)")
@@ -115,7 +115,7 @@ def validate_hf_to_engine(args: argparse.Namespace):
     from libra_megatron.checkpoint.safe_io import CheckpointError
 
     options = converter_args(args.model, args.num_layers, args.target_tp, args.target_pp, args.target_vpp, args.bf16)
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     shape = get_family("libra").shape(options)
     layers = args.num_layers or shape["num_layers"]

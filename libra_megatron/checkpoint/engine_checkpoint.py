@@ -65,7 +65,7 @@ def args_from_checkpoint(common: Dict, path: str) -> argparse.Namespace:
 
 def engine_config(args: argparse.Namespace):
     """The engine ``LibraConfig`` the trainer would build for ``args`` (without random init: every weight is loaded)."""
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     config = get_family("libra").build_config(args)
     config.perform_initialization = False
@@ -111,7 +111,7 @@ def _layer_offset(chunk: torch.nn.Module) -> int:
 
 def build_chunks(args: argparse.Namespace, config) -> List[torch.nn.Module]:
     """This rank's model chunks, built as the trainer builds them."""
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
     from libra_megatron.training.model_setup import build_model_chunks
 
     return build_model_chunks(get_family("libra"), args, config)

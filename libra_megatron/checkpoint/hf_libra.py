@@ -1,4 +1,4 @@
-"""The Hugging Face Libra layout (spec §5): released keys, shapes, constant buffers and config fields.
+"""The Hugging Face Libra layout (docs/architecture.md#hf-state-dict): released keys, shapes, constant buffers and config fields.
 
 The engine <-> HF name map builds on this (see ``engine_map`` below once the engine naming is fixed).
 """
@@ -15,10 +15,11 @@ from libra_megatron.checkpoint.hf_writer import (
     released_config_dict,
     write_export_metadata,
 )
+from libra_megatron.checkpoint.hf_libra_names import hf_buffers
 from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader, read_config_json
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 
-# config.json fields of the release (spec §1.1) that a LibraConfig carries
+# config.json fields of the release (docs/architecture.md#config) that a LibraConfig carries
 RELEASED_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
@@ -73,20 +74,9 @@ def write_hf_libra(out_dir: str, config: LibraConfig, tensors: Iterable[Tuple[st
 
 
 def constant_buffers(config: LibraConfig) -> Dict[str, torch.Tensor]:
-    """Values of the released buffers: per-layer ``inv_freq`` and the four placeholders (spec §5.2)."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    eoi = torch.full((1, 1, 1, config.vocab_size + config.vision_vocab_size), -float("inf"))
-    eoi[..., config.newline_token_id] = float("inf")
-    buffers = {
-        "naive_placeholder": torch.zeros(config.hidden_size),
-        "vision_logits_placeholder": torch.full((1, config.vision_vocab_size), -float("inf")),
-        "language_logits_placeholder": torch.full((1, config.vocab_size), -float("inf")),
-        "eoi_to_newline_logits_placeholder": eoi,
-    }
-    for layer in range(config.num_hidden_layers):
-        buffers[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-    return buffers
+    """Values of the released buffers: per-layer ``inv_freq`` and the four placeholders (docs/architecture.md#hf-state-dict)."""
+    return hf_buffers(config.num_hidden_layers, config.hidden_size // config.num_attention_heads, config.vocab_size,
+                      config.vision_vocab_size, config.hidden_size, config.newline_token_id, config.rope_theta)
 
 
 def load_hf_libra_config(folder: str) -> LibraConfig:

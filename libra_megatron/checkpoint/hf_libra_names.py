@@ -1,4 +1,4 @@
-"""Engine parameter names ⇄ HF Libra names (spec §5.2), and the tensor-parallel merge/split of every parameter.
+"""Engine parameter names ⇄ HF Libra names (docs/architecture.md#hf-state-dict), and the tensor-parallel merge/split of every parameter.
 
 Engine names are ``LibraModel.named_parameters()`` names at TP=1 with *global* layer indices
 (``decoder.layers.{i}.…``; a pipeline stage's local index ``j`` is global ``j + offset``, see
@@ -12,8 +12,8 @@ or more HF tensors with one of these layouts:
 
 TP sharding kinds (:func:`merge_tp_shards` / :func:`split_tp`): ``replicated``, ``column`` (dim 0), ``row``
 (dim 1), ``swiglu`` (rank r holds ``[gate_r; up_r]``). This module is what the HF converters build on
-(libra_megatron/checkpoint/, tools/convert_checkpoint.py) and what the freezing rule uses: ``pretrain`` trains
-exactly the engine parameters whose HF names contain "vision".
+(libra_megatron/checkpoint/, tools/convert_checkpoint.py); the freezing rule of ``model/training_stages.py`` is
+checked against it (``pretrain`` trains exactly the engine parameters whose HF names contain "vision").
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from libra_megatron.rope import rope_inv_freq
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -106,18 +108,6 @@ def param_map(engine_name: str, num_codebooks: int = 2) -> Tuple[ParamMap, Tuple
 def hf_names(engine_name: str, num_codebooks: int = 2) -> Tuple[str, ...]:
     """The HF Libra names an engine parameter holds."""
     return param_map(engine_name, num_codebooks)[1]
-
-
-def is_trainable_in_stage(engine_name: str, stage: str) -> bool:
-    """Spec §1.9: ``pretrain`` trains the parameters whose reference names contain "vision"; ``instruct`` all."""
-    if stage == "instruct":
-        return True
-    if stage != "pretrain":
-        raise ValueError(f"training stage must be 'pretrain' or 'instruct', got {stage!r}")
-    flags = {"vision" in name for name in hf_names(engine_name)}
-    if len(flags) != 1:
-        raise AssertionError(f"engine parameter {engine_name} fuses frozen and trainable HF tensors")
-    return flags.pop()
 
 
 def global_layer_name(local_name: str, layer_offset: int) -> str:
@@ -221,8 +211,8 @@ def split_tp(engine_name: str, full: Tensor, tp: int) -> List[Tensor]:
 
 def hf_buffers(num_layers: int, head_dim: int, text_vocab_size: int, vision_vocab_size: int, hidden_size: int,
                newline_id: int = 13, rope_base: float = 10000.0) -> Dict[str, Tensor]:
-    """The non-parameter entries of the released state dict (spec §5.2), with their values."""
-    inv_freq = 1.0 / (rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    """The non-parameter entries of the released state dict (docs/architecture.md#hf-state-dict), with their values."""
+    inv_freq = rope_inv_freq(head_dim, rope_base)
     total = text_vocab_size + vision_vocab_size
     newline = torch.full((1, 1, 1, total), float("-inf"))
     newline[..., newline_id] = float("inf")

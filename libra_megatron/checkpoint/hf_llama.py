@@ -1,5 +1,5 @@
-"""HF LLaMA-2 -> Libra: the LLaMA <-> Megatron text-path transforms (megatron-core.md §6.4) and a LLaMA checkpoint
-seen as a Libra checkpoint in HF key space, with the new vision parameters initialised as spec §1.8.
+"""HF LLaMA-2 -> Libra: the LLaMA <-> Megatron text-path transforms (docs/architecture.md#llama-megatron-mapping) and a LLaMA checkpoint
+seen as a Libra checkpoint in HF key space, with the new vision parameters initialised as docs/architecture.md#initialisation.
 
 Text-path transforms (all on *global* tensors; TP slicing is megatron's ``sharded_state_dict`` business):
 
@@ -114,7 +114,7 @@ def _key_seed(seed: int, key: str) -> int:
 
 
 def init_new_parameter(key: str, shape: Tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """Spec §1.8 for a parameter LLaMA lacks: norms 1, bridge B 0, everything else N(0, std); seeded by key."""
+    """docs/architecture.md#initialisation for a parameter LLaMA lacks: norms 1, bridge B 0, everything else N(0, std); seeded by key."""
     if key.endswith("layernorm.weight") or key.endswith("norm.weight"):
         return torch.ones(shape)
     if "bridge" in key and key.endswith("weight_B"):
@@ -154,7 +154,7 @@ class LlamaAsLibra:
         return self.shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
-        """LLaMA weight (embedding pad row := eos row, spec §1.8) or a freshly initialised vision weight."""
+        """LLaMA weight (embedding pad row := eos row, docs/architecture.md#initialisation) or a freshly initialised vision weight."""
         if key in self.reader.infos:
             value = self.reader.get(key)
             if key == "model.embed_tokens.weight" and self.copy_eos_to_pad:

@@ -29,7 +29,7 @@ class HFLibraSource:
 
     def get(self, key: str) -> torch.Tensor:
         value = self.reader.get(key)
-        if key == "model.embed_tokens.weight" and self.copy_eos_to_pad:  # spec §1.8, at the start of a stage
+        if key == "model.embed_tokens.weight" and self.copy_eos_to_pad:  # docs/architecture.md#initialisation, at the start of a stage
             value = value.clone()
             value[self.config.pad_token_id] = value[self.config.eos_token_id]
         return value

@@ -1,4 +1,4 @@
-"""Writing a Hugging Face Libra export folder (spec §5.1): bf16 safetensors shards of at most 5 GB planned up front,
+"""Writing a Hugging Face Libra export folder (docs/architecture.md#hf-export-layout): bf16 safetensors shards of at most 5 GB planned up front,
 ``model.safetensors.index.json``, ``config.json`` as released plus ``auto_map``, ``generation_config.json``, the
 ``trust_remote_code`` modeling files, tokenizer and vision-tokenizer files. Tensors are streamed in: only the shard
 being filled is held in memory, and the folder appears atomically (``<out>.partial`` renamed at the end).
@@ -17,9 +17,9 @@ from libra_megatron.checkpoint.safe_io import CheckpointError
 
 MAX_SHARD_BYTES = 5 * 10**9  # HF's "5GB"; the released shards are 4.98/4.95/4.98/4.97/2.15 GB
 INDEX_NAME = "model.safetensors.index.json"
-MODELING_FILES = ("configuration_libra.py", "modeling_libra.py", "generation_libra.py")
+MODELING_FILES = ("configuration_libra.py", "modeling_libra.py", "cache_libra.py", "generation_libra.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# ours (ImageTokenizer.save_pretrained) and the released ones (spec §5.1)
+# ours (ImageTokenizer.save_pretrained) and the released ones (docs/architecture.md#hf-export-layout)
 VISION_TOKENIZER_FILES = ("vision_tokenizer.safetensors", "vision_tokenizer_config.json",
                           "vision_tokenizer_config.yaml", "vqgan.ckpt")
 AUTO_MAP = {
@@ -102,7 +102,7 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def released_config_dict(hf_fields: Dict[str, object]) -> Dict[str, object]:
-    """``config.json`` as released (spec §1.1, the transformers-4.38 LlamaConfig + LibraConfig field set) + ``auto_map``."""
+    """``config.json`` as released (docs/architecture.md#config, the transformers-4.38 LlamaConfig + LibraConfig field set) + ``auto_map``."""
     config = {
         "architectures": ["LibraForCausalLM"],
         "model_type": "libra",
@@ -127,7 +127,7 @@ def released_config_dict(hf_fields: Dict[str, object]) -> Dict[str, object]:
 
 
 def generation_config_dict(config: Dict[str, object]) -> Dict[str, object]:
-    """``generation_config.json`` as released (spec §5.1)."""
+    """``generation_config.json`` as released (docs/architecture.md#hf-export-layout)."""
     return {"_from_model_config": True, "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
             "pad_token_id": config["pad_token_id"], "transformers_version": config["transformers_version"]}
 

@@ -1,7 +1,7 @@
 """The sentencepiece text tokenizer of the data pipeline (LLaMA-2's ``tokenizer.model`` in real runs).
 
 Samples are tokenised in *chunks* (text between images and special tokens) rather than as one string with
-placeholders (spec §2.6: build the id sequence directly). Two encodings are needed:
+placeholders (docs/architecture.md#placing-images: build the id sequence directly). Two encodings are needed:
 
 * :meth:`TextTokenizer.encode` — a chunk that starts a text segment (after ``<s>`` or ``</s>``): sentencepiece
   with its dummy-prefix ``▁``, exactly what the reference's HF tokenizer does to every segment split at a

@@ -1,4 +1,4 @@
-"""Hugging Face configuration of Libra (spec §1.1): the released ``libra-11b-{base,chat}`` ``config.json`` fields.
+"""Hugging Face configuration of Libra (docs/architecture.md#config): the released ``libra-11b-{base,chat}`` ``config.json`` fields.
 
 This file is copied into every export next to ``modeling_libra.py`` so that
 ``AutoConfig.from_pretrained(path, trust_remote_code=True)`` works without libra-megatron installed: it imports
@@ -13,7 +13,7 @@ try:  # transformers >= 4.57 spells it PreTrainedConfig; older releases only hav
 except ImportError:  # pragma: no cover - exercised on transformers 4.4x only
     from transformers import PretrainedConfig as _BaseConfig
 
-# Variants present in the reference code but switched off in the release (spec §1.10); this implementation
+# Variants present in the reference code but switched off in the release (docs/architecture.md#dormant-variants); this implementation
 # supports only the released values and says so at construction time.
 _RELEASED_ONLY = {
     "vision_prediction_mode": "1d",
@@ -54,7 +54,7 @@ class LibraConfig(_BaseConfig):
         rope_scaling: Dict[str, Any] | None = None,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
-        # vision part (spec §1.1)
+        # vision part (docs/architecture.md#config)
         vision_down_ratio: int = 4,
         vision_vocab_size: int = 514,
         vision_codebook_num: int = 2,
@@ -93,7 +93,7 @@ class LibraConfig(_BaseConfig):
         self.pretraining_tp = pretraining_tp
         self.rope_theta = rope_theta
         if rope_scaling is not None:
-            raise ValueError(f"LibraConfig.rope_scaling={rope_scaling!r}: Libra uses plain RoPE (spec §1.6); scaling is not supported")
+            raise ValueError(f"LibraConfig.rope_scaling={rope_scaling!r}: Libra uses plain RoPE (docs/architecture.md#positions); scaling is not supported")
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
 
@@ -131,7 +131,7 @@ class LibraConfig(_BaseConfig):
         for field, released in _RELEASED_ONLY.items():
             if getattr(self, field) != released:
                 raise ValueError(
-                    f"LibraConfig.{field}={getattr(self, field)!r} is a dormant reference variant (spec §1.10); "
+                    f"LibraConfig.{field}={getattr(self, field)!r} is a dormant reference variant (docs/architecture.md#dormant-variants); "
                     f"only the released value {released!r} is implemented"
                 )
         if self.num_key_value_heads != self.num_attention_heads:

@@ -1,4 +1,4 @@
-"""Two-plane decoding for ``LibraForCausalLM`` (spec §6, fixing §9.1 B5): greedy, sampling and beam search.
+"""Two-plane decoding for ``LibraForCausalLM`` (docs/architecture.md#generation, fixing docs/architecture.md#reference-defects (B5)): greedy, sampling and beam search.
 
 Scores are [C, N, V] (one row per id plane, V = V_text + V_vis) and ids [C, N, T]; every processor works on the
 last (vocabulary) dimension of each plane:
@@ -75,7 +75,7 @@ def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def apply_top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Nucleus filter per plane row on the vocabulary dimension (the reference scattered on dim 1, spec B5)."""
+    """Nucleus filter per plane row on the vocabulary dimension (the reference scattered on dim 1, docs/architecture.md#reference-defects, B5)."""
     if top_p is None or top_p >= 1.0:
         return scores
     sorted_scores, order = torch.sort(scores, dim=-1, descending=False)

@@ -1,7 +1,8 @@
-"""Hugging Face ``LibraForCausalLM`` (spec §1.2-§1.7, §3.1, §5.2), shipped inside every libra-megatron export.
+"""Hugging Face ``LibraForCausalLM``, shipped inside every libra-megatron export (docs/architecture.md: the model
+from #sequence-and-routing to #output-heads, the #loss and the #hf-state-dict).
 
-Self-contained: imports only ``torch`` and ``transformers`` (plus its sibling files ``configuration_libra.py`` and
-``generation_libra.py``), so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
+Self-contained: imports only ``torch`` and ``transformers`` (plus its sibling files ``configuration_libra.py``,
+``cache_libra.py`` and ``generation_libra.py``), so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
 libra-megatron installed. The state dict has exactly the 1,103 released keys (buffers included).
 
 Inputs (as the reference):
@@ -10,8 +11,8 @@ Inputs (as the reference):
     vision_indices   long [B, L]       0..577 inside an image, 578 (= max_vision_token_length) on text
     contiguous_signal float [B, L, 4096] CLIP features at patch positions, zeros elsewhere (None = zeros). The
                                        reference spells this key ``coninous_signal``; that name is accepted too.
-Output ``logits`` is [C, B, L, V_text + V_vis] with -inf blocks, like the reference; ``loss`` is spec §3.1.
-The KV cache (:class:`LibraCache`) keeps, per layer, the keys and values as seen by text queries and by vision
+Output ``logits`` is [C, B, L, V_text + V_vis] with -inf blocks, like the reference; ``loss`` is docs/architecture.md#loss.
+The KV cache (:class:`LibraCache`, ``cache_libra.py``) keeps, per layer, the keys and values as seen by text queries and by vision
 queries (the bridge deltas are already added), plus the modality history.
 """
 from __future__ import annotations
@@ -27,13 +28,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .cache_libra import LibraCache
 from .configuration_libra import LibraConfig
 from .generation_libra import libra_generate
 
 
 @dataclass
 class LibraCausalLMOutputWithPast(ModelOutput):
-    """Loss (spec §3.1), logits [C, B, L, V_text+V_vis], the cache, and optionally all hidden states."""
+    """Loss (docs/architecture.md#loss), logits [C, B, L, V_text+V_vis], the cache, and optionally all hidden states."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -46,55 +48,8 @@ class LibraCausalLMOutputWithPast(ModelOutput):
         return self.cache
 
 
-class LibraCache:
-    """Per-layer keys/values for text queries and for vision queries (RoPE and bridge applied), plus modality history.
-
-    ``key_text[i]`` is K^(T) of spec §1.5 (bridge added on vision positions), ``key_vision[i]`` is K^(V) (bridge
-    added on text positions); values likewise; every tensor is [B, H, S, D]. ``vision_flag`` is [B, S].
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.key_text: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.key_vision: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.value_text: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.value_vision: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.vision_flag: Optional[torch.Tensor] = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Number of cached positions."""
-        return 0 if self.vision_flag is None else self.vision_flag.shape[1]
-
-    def __len__(self) -> int:
-        return len(self.key_text)
-
-    def update(self, layer_idx: int, k_text, k_vision, v_text, v_vision) -> Tuple[torch.Tensor, ...]:
-        """Append this step's per-modality keys/values of one layer; return the full ones."""
-        new = (k_text, k_vision, v_text, v_vision)
-        stores = (self.key_text, self.key_vision, self.value_text, self.value_vision)
-        out = []
-        for store, value in zip(stores, new):
-            past = store[layer_idx]
-            full = value if past is None else torch.cat([past, value], dim=2)
-            store[layer_idx] = full
-            out.append(full)
-        return tuple(out)
-
-    def append_modality(self, vision_flag: torch.Tensor) -> None:
-        """Record the modality of the positions this forward adds."""
-        self.vision_flag = vision_flag if self.vision_flag is None else torch.cat([self.vision_flag, vision_flag], dim=1)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
-        for store in (self.key_text, self.key_vision, self.value_text, self.value_vision):
-            for i, t in enumerate(store):
-                if t is not None:
-                    store[i] = t.index_select(0, beam_idx.to(t.device))
-        if self.vision_flag is not None:
-            self.vision_flag = self.vision_flag.index_select(0, beam_idx.to(self.vision_flag.device))
-
-
 class _Routing:
-    """Text rows and vision rows of one forward, computed once and used by every routed op (spec §1.2)."""
+    """Text rows and vision rows of one forward, computed once and used by every routed op (docs/architecture.md#sequence-and-routing)."""
 
     def __init__(self, vision_flag: torch.Tensor) -> None:
         self.flag = vision_flag
@@ -137,7 +92,7 @@ class LibraRMSNorm(nn.Module):
 
 
 class LibraLinear(nn.Module):
-    """Factorised expert ``y = B(Ax)`` (spec §1.3): ``weight_A`` [rank, in] is applied first, ``weight_B`` [out, rank]."""
+    """Factorised expert ``y = B(Ax)`` (docs/architecture.md#low-rank-expert): ``weight_A`` [rank, in] is applied first, ``weight_B`` [out, rank]."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, is_bridge: bool = False) -> None:
         super().__init__()
@@ -154,7 +109,7 @@ class LibraLinear(nn.Module):
 
 class LibraRotaryEmbedding(nn.Module):
     """RoPE (HF ``rotate_half`` layout). ``inv_freq`` is a persistent buffer only because the released state dict has
-    it; cos/sin are always built from a fresh fp32 ``inv_freq`` (the reference's fp32 cos/sin cache, spec §1.6)."""
+    it; cos/sin are always built from a fresh fp32 ``inv_freq`` (the reference's fp32 cos/sin cache, docs/architecture.md#positions)."""
 
     def __init__(self, dim: int, base: float) -> None:
         super().__init__()
@@ -180,7 +135,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LibraAttention(nn.Module):
-    """Routed Q/K/V/O with the cross-modal K/V bridge and one softmax over all keys (spec §1.5)."""
+    """Routed Q/K/V/O with the cross-modal K/V bridge and one softmax over all keys (docs/architecture.md#decoder-layer)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int) -> None:
         super().__init__()
@@ -292,7 +247,7 @@ class LibraMLP(nn.Module):
 
 
 class LibraDecoderLayer(nn.Module):
-    """Routed pre-norm decoder layer (spec §1.5)."""
+    """Routed pre-norm decoder layer (docs/architecture.md#decoder-layer)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int) -> None:
         super().__init__()
@@ -321,7 +276,7 @@ def _causal_bias(q_len: int, kv_len: int, attention_mask: Optional[torch.Tensor]
 
 
 class LibraPreTrainedModel(PreTrainedModel):
-    """Weight init of new parameters (spec §1.8) and HF plumbing."""
+    """Weight init of new parameters (docs/architecture.md#initialisation) and HF plumbing."""
 
     config_class = LibraConfig
     base_model_prefix = "model"
@@ -361,7 +316,7 @@ def _fill_buffer(buffer: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class LibraModel(LibraPreTrainedModel):
-    """Embeddings (text + hybrid vision input, spec §1.4), decoder layers and the routed final norm."""
+    """Embeddings (text + hybrid vision input, docs/architecture.md#input-embedding), decoder layers and the routed final norm."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config)
@@ -465,7 +420,7 @@ def _check_ids(input_ids: torch.Tensor, vision_flag: torch.Tensor, cfg: LibraCon
 
 
 class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
-    """Libra decoder with the text head, the two codebook heads and the released buffers (spec §1.7, §5.2)."""
+    """Libra decoder with the text head, the two codebook heads and the released buffers (docs/architecture.md#output-heads, docs/architecture.md#hf-state-dict)."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config)
@@ -478,7 +433,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def placeholder_values(self) -> dict:
-        """The released constant buffers: zeros, the -inf logit blocks, the forced-newline row (spec §5.2)."""
+        """The released constant buffers: zeros, the -inf logit blocks, the forced-newline row (docs/architecture.md#hf-state-dict)."""
         cfg = self.config
         eoi = torch.full((1, 1, 1, cfg.vocab_size + cfg.vision_vocab_size), -float("inf"))
         eoi[..., cfg.newline_token_id] = float("inf")
@@ -535,7 +490,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ):
-        """Forward (spec §1.2-§1.7); with ``labels`` [C, B, L] (unshifted, HF convention) also the §3.1 loss."""
+        """Forward (docs/architecture.md#sequence-and-routing to docs/architecture.md#output-heads); with ``labels`` [C, B, L] (unshifted, HF convention) also the docs/architecture.md#loss loss."""
         cfg = self.config
         if contiguous_signal is None:
             contiguous_signal = kwargs.pop("coninous_signal", None)  # the reference's key name
@@ -568,7 +523,7 @@ class LibraForCausalLM(LibraPreTrainedModel, GenerationMixin):
         return LibraCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Spec §3.1: mean over the C planes of the token-mean CE of ``logits[c, :, :-1]`` against ``labels[c, :, 1:]``."""
+        """docs/architecture.md#loss: mean over the C planes of the token-mean CE of ``logits[c, :, :-1]`` against ``labels[c, :, 1:]``."""
         c = logits.shape[0]
         if labels.dim() == 2:
             labels = labels.unsqueeze(0).expand(c, -1, -1)

@@ -14,7 +14,7 @@ For sequence row ``p`` (sorted row ``src[p]``, modality ``m(p)``), with ``R`` th
     keys_for_vision[p]  = R(k[p] + [m(p) = text]   Δk[p])     values_for_vision[p]  = v[p] + [m(p) = text]   Δv[p]
     queries[p]          = R(q[p])
 
-(the bridge delta of a key is added only for queries of the other modality, spec §1.5). Each key/value set is
+(the bridge delta of a key is added only for queries of the other modality, docs/architecture.md#decoder-layer). Each key/value set is
 produced only for its first ``rows_text`` / ``rows_vision`` sequence rows (as far as a query run of that modality
 reaches). Queries come back in sorted order (``q_text``, ``q_vision``: the segment path reads runs as views) or,
 with ``queries_in_sequence_order``, as one ``[N, heads, d]`` tensor (the index path).

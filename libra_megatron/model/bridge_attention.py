@@ -1,4 +1,4 @@
-"""Routed self-attention with Libra's cross-modal bridge (spec §1.5), one softmax over all keys.
+"""Routed self-attention with Libra's cross-modal bridge (docs/architecture.md#decoder-layer), one softmax over all keys.
 
 Keys/values a query sees depend on the query's modality: the bridge delta ``Δ = B(A h)`` of a key is added only
 when the key's modality differs from the query's, and each key uses the bridge of its own modality

@@ -1,4 +1,4 @@
-"""Input side (spec §1.4): vocab-parallel text embedding for text rows, the hybrid image input for vision rows.
+"""Input side (docs/architecture.md#input-embedding): vocab-parallel text embedding for text rows, the hybrid image input for vision rows.
 
 Vision row p (plane ids ``id_c = tokens[c] - T`` in 0..513, CLIP feature ``f_p``, zeros for <boi>/<eoi>)::
 
@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.routed_linear import ReplicatedLinear, normal_init
+from libra_megatron.model.routed_linear import ReplicatedLinear, normal_init, param_device
 from libra_megatron.model.routed_norm import rms_norm
 from libra_megatron.model.routing import ModalityRouting
 
@@ -40,7 +40,7 @@ class LibraEmbedding(MegatronModule):
         self.vision_embeddings = ReplicatedLinear(
             config, config.vision_embedding_size, vocab.num_codebooks * vocab.vision_vocab_size, init
         )
-        device = None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+        device = param_device(config)
         self.vision_signal_norm_weight = torch.nn.Parameter(
             torch.ones(config.signal_size, dtype=config.params_dtype, device=device)
         )

@@ -21,15 +21,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from torch import Tensor
 
-from libra_megatron.checkpoint.hf_libra_names import is_trainable_in_stage
 from libra_megatron.config import LibraConfig
 from libra_megatron.model.embedding import LibraEmbedding, sequence_parallel_scatter
 from libra_megatron.model.layer import LibraTransformerBlock
 from libra_megatron.model.micro_batch import build_micro_batch_routing
 from libra_megatron.model.output import position_losses, unified_logits
-from libra_megatron.model.routed_linear import ReplicatedLinear, column_parallel, normal_init
+from libra_megatron.model.routed_linear import ReplicatedLinear, column_parallel, normal_init, param_device
 from libra_megatron.model.routing import ModalityRouting
 from libra_megatron.model.specs import get_libra_block_spec
+from libra_megatron.model.training_stages import is_trainable_in_stage
 
 
 class LibraModel(LanguageModule):
@@ -61,7 +61,7 @@ class LibraModel(LanguageModule):
             )
             # HF's `vision_hidden_placeholder` (used only by the unreleased "2d" head): kept so checkpoints and
             # parameter counts match the reference; it gets an exact zero gradient so DDP buckets stay complete.
-            device = None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+            device = param_device(config)
             self.vision_hidden_placeholder = torch.nn.Parameter(
                 torch.empty(config.hidden_size, dtype=config.params_dtype, device=device)
             )

@@ -1,4 +1,4 @@
-"""Routed SwiGLU MLP: LLaMA's gate/up/down for text rows, the low-rank expert for vision rows (spec §1.5).
+"""Routed SwiGLU MLP: LLaMA's gate/up/down for text rows, the low-rank expert for vision rows (docs/architecture.md#decoder-layer).
 
 Text: megatron's fused ``linear_fc1`` (``[gate; up]``, stride 2 so rank r holds ``[gate_r; up_r]``) and
 ``linear_fc2``; checkpoints store fc1 through megatron's SwiGLU sharded factory, so they reshard across TP like

@@ -1,4 +1,4 @@
-"""Output side (spec §1.7, §3.1): vocab-parallel text head, two codebook heads, and the Libra loss.
+"""Output side (docs/architecture.md#output-heads, docs/architecture.md#loss): vocab-parallel text head, two codebook heads, and the Libra loss.
 
 The reference builds logits ``[C, B, L, T+K+2]`` with −inf blocks and averages the per-plane CE. Exactly the
 same value, without that tensor:
@@ -87,7 +87,7 @@ def libra_loss_reduction(
     ``lm loss``, ``text loss`` and ``image loss`` (Megatron's reporting format; reduce over DP before dividing).
     ``routing``: the micro-batch's routing, whose device flag is used instead of recomputing it from
     ``vision_indices``. ``image_loss_weight != 1`` weighs image positions in the optimised sum (an ablation knob,
-    spec §9.2); the report stays unweighted.
+    docs/architecture.md#loss-weighting); the report stays unweighted.
     """
     device = per_position_loss.device
     vision = routing.vision_mask if routing is not None else vision_flag(vision_indices.to(device), vocab)

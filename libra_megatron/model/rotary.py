@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from libra_megatron.rope import rope_inv_freq
 
 
 @dataclass(eq=False)
@@ -22,7 +23,7 @@ class RotaryTables:
     @classmethod
     def build(cls, position_ids: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> "RotaryTables":
         """``position_ids [B, L]`` → tables; frequencies in fp32, cast to the activation dtype like HF."""
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+        inv_freq = rope_inv_freq(head_dim, base, position_ids.device)
         freqs = (position_ids.t().float()[..., None] * inv_freq).unsqueeze(2)  # [s, b, 1, d/2]
         cos_half, sin_half = freqs.cos().to(dtype), freqs.sin().to(dtype)  # trig on half the width (HF repeats it)
         cos, sin = torch.cat([cos_half, cos_half], dim=-1), torch.cat([-sin_half, sin_half], dim=-1)

@@ -44,7 +44,7 @@ from libra_megatron.config import LibraConfig
 
 
 def normal_init(std: float) -> Callable[[Tensor], Tensor]:
-    """N(0, std) initialiser (spec §1.8: every new Libra weight uses std 0.02)."""
+    """N(0, std) initialiser (docs/architecture.md#initialisation: every new Libra weight uses std 0.02)."""
 
     def init(tensor: Tensor) -> Tensor:
         return torch.nn.init.normal_(tensor, mean=0.0, std=std)
@@ -57,7 +57,8 @@ def zeros_init(tensor: Tensor) -> Tensor:
     return torch.nn.init.zeros_(tensor)
 
 
-def _param_device(config: LibraConfig) -> Optional[torch.device]:
+def param_device(config: LibraConfig) -> Optional[torch.device]:
+    """Where parameters are created: ``None`` (CPU) with ``use_cpu_initialization``, else the current CUDA device."""
     return None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
 
 
@@ -67,7 +68,7 @@ class ReplicatedLinear(MegatronModule):
     def __init__(self, config: LibraConfig, input_size: int, output_size: int, init_method: Callable) -> None:
         super().__init__(config=config)
         self.weight = torch.nn.Parameter(
-            torch.empty(output_size, input_size, dtype=config.params_dtype, device=_param_device(config))
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=param_device(config))
         )
         if config.perform_initialization:
             with torch.no_grad():

@@ -14,6 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.model.routed_linear import param_device
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -27,7 +28,7 @@ class RoutedRMSNorm(MegatronModule):
     def __init__(self, config: LibraConfig, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(config=config)
         self.eps = eps
-        device = None if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+        device = param_device(config)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         self.vision_weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         for param in (self.weight, self.vision_weight):

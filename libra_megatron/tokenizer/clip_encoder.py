@@ -1,4 +1,4 @@
-"""The frozen CLIP vision tower of the Libra tokenizer, run only as deep as needed (spec §2.2).
+"""The frozen CLIP vision tower of the Libra tokenizer, run only as deep as needed (docs/architecture.md#clip-features).
 
 Libra concatenates the hidden states of encoder blocks [2, 10, 18, 22] of CLIP ViT-L/14-336 (1-based; index 0
 would be the embedding output after ``pre_layrnorm``), drops the CLS token and keeps ``[N, 576, 4 * 1024]``.

@@ -1,4 +1,4 @@
-"""The LFQ image decoder: quantised latents ``[N, z, 24, 24]`` -> images ``[N, 3, 336, 336]`` (spec §2.3).
+"""The LFQ image decoder: quantised latents ``[N, z, 24, 24]`` -> images ``[N, 3, 336, 336]`` (docs/architecture.md#lfq-quantiser).
 
 Same architecture and parameter names as the taming ``Decoder`` the released ``vqgan.ckpt`` was trained with
 (``decoder.*`` keys load unchanged): conv_in, a Res-Attn-Res middle block at the latent resolution, then one

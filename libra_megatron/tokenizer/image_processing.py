@@ -1,4 +1,4 @@
-"""Image preprocessing of the Libra vision path (spec §2.1), shared by the tokenizer, the preprocessing tool
+"""Image preprocessing of the Libra vision path (docs/architecture.md#image-preprocessing), shared by the tokenizer, the preprocessing tool
 and training.
 
 Two steps, split where the pipeline stores data:

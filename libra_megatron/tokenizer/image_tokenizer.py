@@ -1,4 +1,4 @@
-"""The Libra image tokenizer: frozen CLIP features -> LFQ ids (encode) and ids -> images (decode), spec §2.
+"""The Libra image tokenizer: frozen CLIP features -> LFQ ids (encode) and ids -> images (decode), docs/architecture.md#image-tokenizer.
 
 Encode, per image (336x336, CLIP-normalised)::
 
@@ -11,7 +11,7 @@ Because only signs of ``u`` matter, ``encode`` applies ``quant_conv`` and ``proj
 torch and the kernel adds ``b`` and packs the signs. This *fused path is the definition* of our ids. It is not
 bit-identical to running the two maps one after the other (different rounding): the ids agree except where
 ``|u|`` is within float32 rounding of 0 (``tests/tokenizer/test_image_tokenizer.py`` bounds the difference).
-The reference itself tokenised in bf16 during training and in fp32 in its demo (spec §9.1 B8), so ids of
+The reference itself tokenised in bf16 during training and in fp32 in its demo (docs/architecture.md#reference-defects (B8)), so ids of
 near-zero logits were never stable across its own runs either.
 
 Files: :meth:`save_pretrained` writes ``vision_tokenizer.safetensors`` + ``vision_tokenizer_config.json`` (names
@@ -34,6 +34,7 @@ from libra_megatron.ops.lfq import image_token_ids, lfq_image_ids
 from libra_megatron.tokenizer.clip_encoder import LIBRA_SELECT_LAYERS, TINY_CLIP, VIT_L14_336, ClipFeatureEncoder
 from libra_megatron.tokenizer.decoder import Decoder, DecoderConfig
 from libra_megatron.tokenizer.lfq import LFQ, LFQLossBreakdown
+from libra_megatron.tokenizer.released import read_released
 from libra_megatron.vocab import LIBRA_VOCAB, LibraVocab
 
 WEIGHTS_NAME = "vision_tokenizer.safetensors"
@@ -282,9 +283,11 @@ class ImageTokenizer(nn.Module):
         device: Union[str, torch.device] = "cpu",
     ) -> "ImageTokenizer":
         """Load the released ``vision_tokenizer_config.yaml`` + ``vqgan.ckpt`` (``weights_only`` unpickling only)."""
-        from libra_megatron.tokenizer.released import load_released
-
-        return load_released(cls, folder, clip_folder=clip_folder, device=device)
+        fields, state, weights_path = read_released(folder, clip_folder=clip_folder)
+        with torch.device("meta"):
+            model = cls(ImageTokenizerConfig(**fields))
+        _load_exact(model, {k: v.to(device) for k, v in state.items()}, weights_path)
+        return model.eval()
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "ImageTokenizer":

@@ -1,4 +1,4 @@
-"""Lookup-free quantisation (LFQ) of the Libra tokenizer (spec §2.3, §2.4): reference math, training loss and the
+"""Lookup-free quantisation (LFQ) of the Libra tokenizer (docs/architecture.md#lfq-quantiser, docs/architecture.md#lfq-training-loss): reference math, training loss and the
 dispatch of code packing to the csrc kernel.
 
 ``project_in`` maps a latent to ``C * D`` logits (Libra: 1024 -> 18, C = 2 codebooks of D = 9 bits). Each logit

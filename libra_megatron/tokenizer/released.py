@@ -19,7 +19,7 @@ import logging
 import os
 import pickle
 import re
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import yaml
@@ -102,33 +102,33 @@ def map_released_state(state: Dict[str, torch.Tensor], clip_depth: int) -> Dict[
     return mapped
 
 
-def load_released(cls, folder: Union[str, os.PathLike], clip_folder=None, device: Union[str, torch.device] = "cpu"):
-    """Build an ``ImageTokenizer`` from a released folder (see the module docstring)."""
-    from libra_megatron.tokenizer.image_tokenizer import ImageTokenizerConfig, _load_exact
+def read_released(
+    folder: Union[str, os.PathLike], clip_folder=None
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], str]:
+    """(``ImageTokenizerConfig`` fields, weights in ``ImageTokenizer`` key space, weights path) of a released folder.
 
+    :meth:`ImageTokenizer.from_released` builds the tokenizer from these (see the module docstring).
+    """
     folder = os.fspath(folder)
     data = read_released_config(folder)
     params, ddconfig = data["params"], data["params"]["ddconfig"]
     config_path = os.path.join(folder, RELEASED_CONFIG_NAME)
     select = ddconfig.get("select_layer", list(LIBRA_SELECT_LAYERS))
-    if not isinstance(select, (list, tuple)):
+    if not isinstance(select, (list, tuple)) or not select:
         raise ValueError(f"{config_path}: field 'params.ddconfig.select_layer' must be a list of CLIP blocks, got {select!r}")
-    clip_config = _released_clip_config(folder, ddconfig.get("encoder_name"), clip_folder)
-    config = ImageTokenizerConfig(
-        clip=clip_config,
-        select_layers=tuple(int(v) for v in select),
+    select_layers = tuple(int(v) for v in select)
+    fields = dict(
+        clip=_released_clip_config(folder, ddconfig.get("encoder_name"), clip_folder),
+        select_layers=select_layers,
         embed_dim=int(params["embed_dim"]),
         codebook_size=int(params.get("codebook_size", 512)),
         num_codebooks=int(params.get("num_codebook", 2)),
         decoder=DecoderConfig.from_dict(ddconfig).to_dict(),
     )
-    with torch.device("meta"):
-        model = cls(config)
     weights = os.path.join(folder, str(params.get("ckpt_path") or "vqgan.ckpt"))
-    state = map_released_state(load_weights_only(weights), model.encoder.config.num_hidden_layers)
-    state = {k: v.to(device) for k, v in state.items()}
-    _load_exact(model, state, weights)
-    return model.eval()
+    # the tokenizer runs CLIP only up to the deepest selected block (ClipFeatureEncoder)
+    state = map_released_state(load_weights_only(weights), max(select_layers))
+    return fields, state, weights
 
 
 def _released_clip_config(folder: str, encoder_name: Optional[str], clip_folder) -> Dict[str, Any]:

@@ -22,11 +22,10 @@ def world_from_env() -> Tuple[int, int, int]:
 
 
 def resolve_device(args: argparse.Namespace) -> str:
-    """``args.device`` or ``cuda`` when available, else ``cpu``; enables the CPU megatron redirects on CPU."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The run's device (``args.device``, resolved by validation); enables the CPU megatron redirects on CPU."""
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but CUDA is not available")
-    args.device = device
     if device == "cpu":
         from libra_megatron.utils.cpu import enable_cpu_megatron
 
@@ -46,7 +45,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
@@ -58,7 +57,8 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (single-process starts, tests and the demo's torchrun)."""
     import socket
 
     with socket.socket() as sock:

@@ -52,7 +52,7 @@ class ValidationStream:
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
-        from libra_megatron.training.data import HOST_KEYS
+        from libra_megatron.training.data_stream import HOST_KEYS
 
         iterator = iter(self.loader)
         for _ in range(self.eval_iters):

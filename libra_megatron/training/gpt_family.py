@@ -11,8 +11,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from libra_megatron.training.model_family import (BatchStats, ModelFamily, masked_sum_and_count, parallel_config_kwargs,
-                                                   register_family)
+from libra_megatron.training.model_family import BatchStats, ModelFamily, masked_sum_and_count, parallel_config_kwargs
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
 
 # name -> (layers, hidden, heads, ffn, vocab of the Libra id space it reads)
@@ -92,7 +91,6 @@ def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> fl
     return 6.0 * tokens * (layers * per_layer + head) + attention
 
 
-@register_family("gpt")
 def gpt_family() -> ModelFamily:
     """The dense GPT baseline family."""
     return ModelFamily(

@@ -24,7 +24,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from libra_megatron.training.model_family import BatchStats, ModelFamily, parallel_config_kwargs, register_family
+from libra_megatron.training.model_family import BatchStats, ModelFamily, parallel_config_kwargs
 
 
 def _preset_fields(args: argparse.Namespace) -> Dict[str, Any]:
@@ -87,8 +87,9 @@ def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_feat
 
 def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: Any,
                  image_loss_weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
-    """``libra_loss_reduction`` (spec §3.1) with the micro-batch's routing; ``image_loss_weight`` weighs image
-    positions in the optimised sum (an ablation knob, spec §9.2; the report keeps the unweighted losses)."""
+    """``libra_loss_reduction`` (docs/architecture.md#loss) with the micro-batch's routing; ``image_loss_weight``
+    weighs image positions in the optimised sum (an ablation knob, docs/architecture.md#loss-weighting; the report
+    keeps the unweighted losses)."""
     from libra_megatron.model.output import libra_loss_reduction
 
     return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab,
@@ -119,9 +120,8 @@ def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str,
 def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
     from libra_megatron.training.vision import clip_geometry
 
-    if not hasattr(args, "_clip_geometry"):
-        args._clip_geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
-    return libra_step_flops(config, stats, args.stage, args._clip_geometry)
+    geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
+    return libra_step_flops(config, stats, args.stage, geometry)
 
 
 def _build_vision(args: argparse.Namespace) -> Any:
@@ -130,7 +130,6 @@ def _build_vision(args: argparse.Namespace) -> Any:
     return FrozenClipFeatures(args)
 
 
-@register_family("libra")
 def libra_family() -> ModelFamily:
     """The Libra family (the default ``--model-family``)."""
     return ModelFamily(

@@ -124,7 +124,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, family: ModelFamily) -> None:
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import MicroBatchStream, build_train_dataset
+        from libra_megatron.training.data_stream import MicroBatchStream, build_train_dataset
         from libra_megatron.training.distributed import (initialize_distributed, is_last_rank, resolve_device,
                                                          set_seeds)
         from libra_megatron.training.metrics import MetricsLogger
@@ -155,6 +155,11 @@ class Trainer:
                                        parallel_state.get_data_parallel_world_size(), self.vocab, self.prepare)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
         self.valid_stream = self._build_valid_stream() if args.eval_iters > 0 else None
+        self.captioner = None
+        if args.eval_captioning:  # zero-shot captioning (libra_megatron/evaluation/engine_captioning.py)
+            from libra_megatron.evaluation.engine_captioning import EngineCaptioner
+
+            self.captioner = EngineCaptioner(args, self.vocab, self.vision_encoder)
         self.logger = MetricsLogger(args, active=is_last_rank())
         self.history: List[Dict[str, Any]] = []
 
@@ -178,7 +183,7 @@ class Trainer:
     def _build_valid_stream(self):
         from megatron.core import parallel_state
 
-        from libra_megatron.training.data import build_valid_dataset
+        from libra_megatron.training.data_stream import build_valid_dataset
         from libra_megatron.training.evaluation import ValidationStream
 
         dataset, samples = build_valid_dataset(self.args, self.vocab)
@@ -204,6 +209,7 @@ class Trainer:
         this rank logged (losses only on the last pipeline stage)."""
         from megatron.core import parallel_state
 
+        from libra_megatron.evaluation.engine_captioning import captioning_due, captioning_fields, log_captioning
         from libra_megatron.training.evaluation import evaluation_due, validation_fields
         from libra_megatron.training.metrics import StepRecord, reduce_step_losses
 
@@ -241,8 +247,13 @@ class Trainer:
                 if evaluation_due(args, iteration):  # after the step's timing, before its checkpoint
                     validation, evaluated_at = self.evaluate(), iteration
                     record.extra.update(validation_fields(validation or {}))
+                captioning = None
+                if captioning_due(args, iteration):  # greedy captions of held-out images, training untouched
+                    captioning = self.captioner.run(self.model)
+                    record.extra.update(captioning_fields(captioning))
                 self.logger.log(record, bool(outcome.nonfinite_samples))
                 self.logger.log_validation(iteration, consumed, validation)
+                log_captioning(self.logger, iteration, consumed, captioning)
                 self.history.append(record.as_json())
                 if args.save and args.save_interval and iteration % args.save_interval == 0:
                     self.save(iteration, consumed)
@@ -264,7 +275,7 @@ class Trainer:
 
 def pretrain(args: argparse.Namespace, family: Optional[ModelFamily] = None) -> List[Dict[str, Any]]:
     """Build from the (validated) flags and train; returns this rank's per-step records."""
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.families import get_family
 
     trainer = Trainer(args, family or get_family(args.model_family))
     return trainer.train()

@@ -1,7 +1,7 @@
 """``--mock-data``: deterministic synthetic pretraining samples in the batch contract (no files needed).
 
 Sample ``i`` depends only on ``(seed, i)``: ``<s>``, one image span (``<boi>``, the patch codes, ``<eoi>``), ``\\n``,
-a caption of text ids, right padding. Labels follow spec §3.2 (image codes, ``<eoi>`` and the caption carry loss;
+a caption of text ids, right padding. Labels follow docs/architecture.md#labels (image codes, ``<eoi>`` and the caption carry loss;
 ``<s>``, ``<boi>``, ``\\n`` and padding do not), already shifted (Megatron convention). Rows have the layout of
 ``libra_megatron.data.dataset.LibraDataset`` rows (collated by its ``collate_batch``). The codes are a simple
 function of the pixels' mean colour and the caption repeats a colour word, so the task is learnable.

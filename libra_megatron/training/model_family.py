@@ -2,15 +2,17 @@
 
 A Megatron user writes ``model_provider(pre_process, post_process, vp_stage)`` and ``forward_step(data_iterator,
 model)``; :class:`ModelFamily` bundles exactly those (plus the config, freezing and FLOPs accounting), so the loop in
-``loop.py`` knows nothing about Libra or GPT. Families register by name in :data:`FAMILIES`.
+``loop.py`` knows nothing about Libra or GPT. ``families.py`` names the built-in families (``--model-family``).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from libra_megatron.utils.megatron_compat import batch_p2p_comm_is_safe
 
 LOSS_KEYS = ("lm loss", "text loss", "image loss")
 
@@ -111,7 +113,6 @@ class ModelFamily:
     needs_vision: bool = False
     build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
     prepare_batch: Optional[Callable[[Any, Optional[torch.device], Dict[str, Any]], None]] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -138,9 +139,8 @@ def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         apply_rope_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
-        # (shared/spec/cpu-feasibility.md, exp 4): send and receive one by one there.
-        batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and gloo),
+        # docs/architecture.md#cpu-megatron: not batched at interleaved PP=2 on gloo (megatron_compat)
+        batch_p2p_comm=batch_p2p_comm_is_safe(args.pipeline_model_parallel_size, vpp, "gloo" if gloo else "nccl"),
     )
     if args.recompute_granularity == "full":
         kwargs.update(recompute_granularity="full", recompute_method=args.recompute_method,
@@ -148,33 +148,6 @@ def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     elif args.recompute_granularity == "selective":
         kwargs.update(recompute_granularity="selective")
     return kwargs
-
-
-FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
-
-
-def register_family(name: str) -> Callable:
-    """Decorator: register a zero-argument factory of a :class:`ModelFamily`."""
-    def wrap(factory: Callable[[], ModelFamily]) -> Callable[[], ModelFamily]:
-        FAMILIES[name] = factory
-        return factory
-
-    return wrap
-
-
-def get_family(name: str) -> ModelFamily:
-    """The family registered under ``name`` (importing the built-in ones on first use)."""
-    from libra_megatron.training import gpt_family  # noqa: F401  (registers "gpt")
-
-    try:
-        from libra_megatron.training import libra_family  # noqa: F401  (registers "libra")
-    except ImportError as error:  # the Libra model is not importable (e.g. a partial checkout)
-        if name == "libra":
-            raise
-        del error
-    if name not in FAMILIES:
-        raise ValueError(f"unknown --model-family '{name}'; known: {sorted(FAMILIES)}")
-    return FAMILIES[name]()
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

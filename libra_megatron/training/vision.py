@@ -1,7 +1,7 @@
 """The frozen CLIP tower on the first pipeline stage: the batch's uint8 ``pixels`` -> continuous features.
 
 Only the tokenizer's CLIP encoder is kept (the LFQ quantiser and the pixel decoder are not needed for training);
-it runs every step under ``no_grad`` in eval mode, in bf16 with ``--bf16`` (as the reference trained, spec §9.1
+it runs every step under ``no_grad`` in eval mode, in bf16 with ``--bf16`` (as the reference trained, docs/architecture.md#reference-defects
 B8), and is never part of the model chunks, DDP or the optimizer. ``--image-tokenizer`` names a folder written by
 ``ImageTokenizer.save_pretrained`` (or converted from the released files), or ``tiny:SEED`` for the random tiny
 tokenizer of tests and the CPU demo; it must be the tokenizer that produced the dataset's image codes.
@@ -9,6 +9,7 @@ tokenizer of tests and the CPU demo; it must be the tokenizer that produced the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Any, Dict
@@ -43,7 +44,13 @@ def load_image_tokenizer(spec: str) -> Any:
 
 
 def clip_geometry(spec: str) -> Dict[str, int]:
-    """CLIP tower sizes of ``--image-tokenizer`` without loading weights (for FLOPs accounting)."""
+    """CLIP tower sizes of ``--image-tokenizer`` without loading weights (for FLOPs accounting); read once per
+    tokenizer (a copy is returned, the cached one cannot be changed through it)."""
+    return dict(_clip_geometry(spec))
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_geometry(spec: str) -> Dict[str, int]:
     from libra_megatron.tokenizer.clip_encoder import LIBRA_SELECT_LAYERS, TINY_CLIP, VIT_L14_336
 
     clip, layers = dict(VIT_L14_336), LIBRA_SELECT_LAYERS

@@ -5,7 +5,7 @@ libra-megatron that redirects them, and :func:`enable_cpu_megatron` refuses to d
 available. Tests and the CPU demo call it in every process, before building models; production GPU
 runs never do.
 
-Each redirect below was shown necessary on 0.19.2 (see ``shared/spec/cpu-feasibility.md``):
+Each redirect below was shown necessary on 0.19.2 (see ``docs/architecture.md#cpu-megatron``):
 
 1. ``torch.cuda.current_device()`` -> ``cpu``: workspace and comm buffers (tensor_parallel/mappings.py,
    layers.py, utils.py GlobalMemoryBuffer, p2p_communication.py).

@@ -1,7 +1,7 @@
 """``tools/convert_checkpoint.py`` end to end: HF LLaMA -> engine (spawned rank) -> HF, and its errors.
 
-The LLaMA text weights land unchanged (except the pad row := eos row, spec §1.8), the new vision weights are the
-per-key §1.8 initialisation (so independent of the layout), the exported model reproduces LLaMA's text logits,
+The LLaMA text weights land unchanged (except the pad row := eos row, docs/architecture.md#initialisation), the new vision weights are the
+per-key docs/architecture.md#initialisation initialisation (so independent of the layout), the exported model reproduces LLaMA's text logits,
 and bad sources fail with a message naming the key / field before anything is written.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
   exported back to HF: the HF model's logits equal the engine's (TP=2 x PP=2 forward) to 1e-5, text-only and
   image+text;
 * HF -> engine (TP=2) -> HF is bit-identical for every key (buffers included);
-* HF LLaMA -> engine: LLaMA weights land unchanged (pad row := eos row), new vision weights follow spec §1.8,
+* HF LLaMA -> engine: LLaMA weights land unchanged (pad row := eos row), new vision weights follow docs/architecture.md#initialisation,
   and the result is independent of the target layout;
 * a mismatching source fails naming the key / field before anything is written.
 """

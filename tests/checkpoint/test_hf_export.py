@@ -1,4 +1,4 @@
-"""The HF Libra export folder (spec §5.1): shards and index, config/generation config, the shipped modeling code
+"""The HF Libra export folder (docs/architecture.md#hf-export-layout): shards and index, config/generation config, the shipped modeling code
 loading through ``AutoModelForCausalLM(trust_remote_code=True)`` with libra-megatron unimportable, and validation."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_shard_plan_respects_the_limit_and_keeps_order():
 
 
 def test_7b_shard_plan_reproduces_the_released_shard_sizes():
-    """bf16, 5 GB limit, export order: 4.98 + 4.95 + 4.98 + 4.97 + 2.15 GB, as the released libra-11b (spec §5.1)."""
+    """bf16, 5 GB limit, export order: 4.98 + 4.95 + 4.98 + 4.97 + 2.15 GB, as the released libra-11b (docs/architecture.md#hf-export-layout)."""
     from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 
     key_shapes = hf_key_shapes(LibraConfig())

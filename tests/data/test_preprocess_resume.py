@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
+from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
 from tests.data.corpus import CAPTIONS, IMAGE_SPECS, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,5 +1,5 @@
 """Round trip: a generated corpus (several image sizes and modes, every input layout) -> preprocessing ->
-the training dataset, compared with ids, pixels and labels built by hand from spec §3.2."""
+the training dataset, compared with ids, pixels and labels built by hand from docs/architecture.md#labels."""
 import io
 import json
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from libra_megatron.data.dataset import LibraDataset, LibraDatasetConfig, collate_batch
 from libra_megatron.data.indexed import SampleReader
-from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
+from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
 from libra_megatron.data.samples import VICUNA_V1_SYSTEM
 from libra_megatron.data.sidecar import read_sidecar
 from libra_megatron.tokenizer.image_processing import normalize_pixels, to_model_pixels

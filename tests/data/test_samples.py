@@ -1,4 +1,4 @@
-"""Sample pieces, ids and labels of spec §3.2, checked against hand-built sequences."""
+"""Sample pieces, ids and labels of docs/architecture.md#labels, checked against hand-built sequences."""
 import numpy as np
 import pytest
 import torch
@@ -118,7 +118,7 @@ def test_instruct_sample_vicuna_v1_by_hand(text_tokenizer):
     answers = [ids[a : b + 1] for a, b in runs]
     assert [answer[-1] for answer in answers] == [2, 2]  # each answer ends with </s>
     assert sp.decode(answers[0][:-1]).strip() == "A red bus." and sp.decode(answers[1][:-1]).strip() == "Two."
-    assert sp.id_to_piece(answers[0][-2]) == "▁"  # the lone '▁' before </s> (spec §3.2)
+    assert sp.id_to_piece(answers[0][-2]) == "▁"  # the lone '▁' before </s> (docs/architecture.md#labels)
     for a, _ in runs:  # "ASSISTANT:" is prompt, not target
         assert sp.decode(ids[a - 12 : a]).endswith("ASSISTANT:")
 

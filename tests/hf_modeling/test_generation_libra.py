@@ -1,4 +1,4 @@
-"""Two-plane generation (spec §6, §9.1 B5): cache vs no cache, processors per plane against transformers' own 2-D
+"""Two-plane generation (docs/architecture.md#generation, docs/architecture.md#reference-defects (B5)): cache vs no cache, processors per plane against transformers' own 2-D
 processors, sampling reproducibility, the forced newline after <eoi>, and beam search (K=1 = greedy; exact search
 on a short horizon)."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""HF ``LibraForCausalLM``: released keys/shapes (spec §5.2), the forward against the spec formulas (§1.4-§1.7), the
-loss (§3.1), the KV cache, text-only equality with transformers' LLaMA, and self-containment of the shipped files."""
+"""HF ``LibraForCausalLM``: released keys/shapes (docs/architecture.md#hf-state-dict), the forward against the spec formulas (docs/architecture.md#input-embedding to docs/architecture.md#output-heads), the
+loss (docs/architecture.md#loss), the KV cache, text-only equality with transformers' LLaMA, and self-containment of the shipped files."""
 from __future__ import annotations
 
 import ast
@@ -44,7 +44,7 @@ def _low_rank(x, module):
 
 
 def _spec_forward(model: LibraForCausalLM, ids, vi, signal):
-    """Spec §1.4-§1.7 written densely: both modality versions everywhere, selected with ``where``; the attention is
+    """docs/architecture.md#input-embedding to docs/architecture.md#output-heads written densely: both modality versions everywhere, selected with ``where``; the attention is
     the reference's two full score matrices (one per query modality)."""
     cfg = model.config
     m = model.model
@@ -132,14 +132,14 @@ def test_eager_attention_equals_sdpa():
     assert torch.allclose(sdpa[finite], eager[finite], atol=1e-5)
 
 
-def test_loss_is_spec_3_1():
+def test_loss_is_the_architecture_loss():
     """loss = [sum_text CE_text + sum_vis (CE_vis0 + CE_vis1)/2] / N_valid with labels shifted inside."""
     model = tiny_model()
     ids, vi, signal = mixed_batch()
     labels = ids.clone()
     labels[:, :, 0] = -100
     labels[:, 1, 5] = -100
-    labels[:, vi == 0] = -100  # <boi> and the "\n" after <eoi> are never targets (spec §3.2)
+    labels[:, vi == 0] = -100  # <boi> and the "\n" after <eoi> are never targets (docs/architecture.md#labels)
     labels[:, :, 1:][:, vi[:, :-1] == IMAGE_LEN - 1] = -100
     out = model(input_ids=ids, vision_indices=vi, contiguous_signal=signal, labels=labels)
     logits = out.logits.detach()

@@ -21,7 +21,7 @@ def tiny_sizes(text_vocab: int = 512) -> dict:
 
 
 def hf_shapes(s: dict) -> Dict[str, Tuple[int, ...]]:
-    """HF Libra parameter shapes (spec §5.2) for the sizes in ``s``."""
+    """HF Libra parameter shapes (docs/architecture.md#hf-state-dict) for the sizes in ``s``."""
     h, f, T, K2, C, F_, br = s["hidden"], s["ffn"], s["text_vocab"], s["vision_vocab"], s["codebooks"], s["clip"], s["bridge"]
     r, rf = h // 4, f // 4
     shapes = {

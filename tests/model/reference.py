@@ -1,4 +1,4 @@
-"""An independent eager Libra forward, written from spec §1.4–§1.7 and §3.1 (it shares no code with the engine).
+"""An independent eager Libra forward, written from docs/architecture.md#input-embedding to docs/architecture.md#output-heads and docs/architecture.md#loss (it shares no code with the engine).
 
 Weights are the HF Libra tensors by name. Routing is by boolean masks (both branches on every row, then
 ``where``), attention builds the two full score matrices (keys/values for vision queries and for text queries)
@@ -50,7 +50,7 @@ def reference_logits(
     vf = vision_indices < cfg["image_positions"]  # [B, L] vision rows
     col = vf[..., None]
 
-    # §1.4 input embedding
+    # docs/architecture.md#input-embedding input embedding
     text_emb = w["model.embed_tokens.weight"][tokens[0].clamp(0, T - 1)]
     codes = [(tokens[c] - T).clamp(0, K2 - 1) for c in range(C)]
     discrete = torch.cat([w[f"model.vision_embed_tokens.{c}.weight"][codes[c]] for c in range(C)], dim=-1)
@@ -109,7 +109,7 @@ def reference_logits(
                               m + "vision_down_proj")
         x = x + torch.where(col, vision_mlp, text_mlp)
 
-    # §1.7 routed final norm and heads, −inf blocks
+    # docs/architecture.md#output-heads routed final norm and heads, −inf blocks
     hfin = torch.where(col, _rms(x, w["model.vision_norm.weight"], eps), _rms(x, w["model.norm.weight"], eps))
     text_logits = hfin @ w["lm_head.weight"].t()
     planes = []
@@ -122,7 +122,7 @@ def reference_logits(
 
 
 def reference_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Spec §3.1 times N_valid: ``(1/C) Σ_c Σ_positions CE`` over non-ignored positions (labels already shifted)."""
+    """docs/architecture.md#loss times N_valid: ``(1/C) Σ_c Σ_positions CE`` over non-ignored positions (labels already shifted)."""
     C, V = logits.shape[0], logits.shape[-1]
     total = 0.0
     for c in range(C):

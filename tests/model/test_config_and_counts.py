@@ -1,4 +1,4 @@
-"""Presets, parameter counts and names at 7B (meta device), initialisation (spec §1.8) and freezing (§1.9)."""
+"""Presets, parameter counts and names at 7B (meta device), initialisation (docs/architecture.md#initialisation) and freezing (docs/architecture.md#trainable-parameters)."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """Text-only input through the Libra engine gives the outputs of Hugging Face `LlamaForCausalLM` with the same
-weights: the frozen text path is exactly LLaMA (spec §1.5)."""
+weights: the frozen text path is exactly LLaMA (docs/architecture.md#decoder-layer)."""
 from __future__ import annotations
 
 import torch

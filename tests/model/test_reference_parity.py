@@ -1,4 +1,4 @@
-"""The engine (TP=1, PP=1) against the independent eager reference of spec §1.4–§3.1, on several layouts:
+"""The engine (TP=1, PP=1) against the independent eager reference of docs/architecture.md#input-embedding to docs/architecture.md#loss, on several layouts:
 unified logits and loss to 1e-6, every gradient to 1e-5 — through both routing plans (segment and index)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LFQ packing kernels (C++ and CUDA) are bit-identical to the PyTorch reference (spec §2.3 bit order, §2.5 ids).
+"""LFQ packing kernels (C++ and CUDA) are bit-identical to the PyTorch reference (docs/architecture.md#lfq-quantiser bit order, docs/architecture.md#ids ids).
 
 Covers every edge value (+-0, NaN, +-inf, subnormals, the largest finite values), odd shapes, fp32/fp64/fp16/bf16,
 the fused bias add (including bias values that cancel a logit exactly), the image layout with offset and

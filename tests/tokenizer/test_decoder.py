@@ -1,4 +1,4 @@
-"""The LFQ decoder (spec §2.3): released geometry (156.45M parameters, 24 -> 336 with a final x1.75 nearest
+"""The LFQ decoder (docs/architecture.md#lfq-quantiser): released geometry (156.45M parameters, 24 -> 336 with a final x1.75 nearest
 upsample), attention equal to the reference's explicit multi-head softmax, output shapes."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Preprocessing equals the reference pipeline bit for bit (spec §2.1): the reference's ``convert("RGB")``,
+"""Preprocessing equals the reference pipeline bit for bit (docs/architecture.md#image-preprocessing): the reference's ``convert("RGB")``,
 ``expand2square`` with the CLIP-mean colour, then transformers' CLIP image processor with the CLIP-336 settings
 (PIL backend, which is the 4.38 code path the reference ran).
 

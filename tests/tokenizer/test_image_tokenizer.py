@@ -1,4 +1,4 @@
-"""ImageTokenizer (spec §2.2, §2.3): encoder features and ids against a straightforward composition on the tiny
+"""ImageTokenizer (docs/architecture.md#clip-features, docs/architecture.md#lfq-quantiser): encoder features and ids against a straightforward composition on the tiny
 random CLIP, fused-vs-unfused projection bound, kernel-vs-reference packing, decode, files (safetensors round trip,
 released vqgan.ckpt import with weights-only unpickling)."""
 from __future__ import annotations

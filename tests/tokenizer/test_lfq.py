@@ -1,4 +1,4 @@
-"""LFQ quantiser and its training loss (spec §2.3, §2.4), including the data-parallel codebook entropy.
+"""LFQ quantiser and its training loss (docs/architecture.md#lfq-quantiser, docs/architecture.md#lfq-training-loss), including the data-parallel codebook entropy.
 
 The loss is checked against an independent transcription of the reference ``LFQ.forward`` (codes enumerated
 explicitly); DP=2 over gloo must equal single-process math on the concatenated batch (loss, parameter gradients

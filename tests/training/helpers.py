@@ -12,8 +12,8 @@ BASE_FLAGS = [
 def make_args(flags: Sequence[str], world_size: int, mock_data: bool = True):
     """Parsed and validated flags for a tiny run on ``world_size`` ranks (``--mock-data`` unless told not to)."""
     from libra_megatron.training.arguments import parse_args, validate_args
-    from libra_megatron.training.data import dataset_files
-    from libra_megatron.training.model_family import get_family
+    from libra_megatron.training.data_stream import dataset_files
+    from libra_megatron.training.families import get_family
 
     args = parse_args(list(BASE_FLAGS) + (["--mock-data"] if mock_data else []) + list(flags))
     return validate_args(args, world_size, get_family(args.model_family).shape(args), dataset_files)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from libra_megatron.training.arguments import ConfigError, parse_args, validate_args
-from libra_megatron.training.data import dataset_files
-from libra_megatron.training.model_family import get_family
+from libra_megatron.training.data_stream import dataset_files
+from libra_megatron.training.families import get_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from libra_megatron.training.arguments import ConfigError, parse_args, validate_args
-from libra_megatron.training.data import dataset_files
-from libra_megatron.training.model_family import get_family
+from libra_megatron.training.data_stream import dataset_files
+from libra_megatron.training.families import get_family
 from tests.distributed import run_on_ranks
 from tests.training.helpers import make_args
 
@@ -39,7 +39,7 @@ TRAIN_KEYS = ("iteration", "consumed_samples", "lm_loss", "text_loss", "image_lo
 def _direct_validation(trainer) -> Dict[str, float]:
     """Token-weighted losses of a plain training-mode forward over the validation samples (no schedule)."""
     from libra_megatron.data.dataset import collate_batch
-    from libra_megatron.training.data import build_valid_dataset
+    from libra_megatron.training.data_stream import build_valid_dataset
     from libra_megatron.training.evaluation import validation_fields
     from libra_megatron.training.model_family import LOSS_KEYS
 

@@ -20,7 +20,7 @@ def corpus(tmp_path_factory) -> Dict[str, str]:
     sys.path.insert(0, os.path.join(REPO, "examples"))
     from demo_corpus import all_captions, generate
 
-    from libra_megatron.data.preprocess import PreprocessConfig, run_preprocessing
+    from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
     from libra_megatron.data.sentencepiece_training import default_sentences, train_sentencepiece
     from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
 

