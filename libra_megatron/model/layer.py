@@ -33,6 +33,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.model.cuda_graphs import LayerGraphs, layer_graphs
 from libra_megatron.model.routing import ModalityRouting
 
 
@@ -102,6 +103,8 @@ class LibraTransformerBlock(TransformerBlock):
         with rng:
             if self.config.recompute_granularity == "full" and self.training:
                 stream = self._checkpointed_layers(stream, routing)
+            elif len(self.layers) and LayerGraphs.applicable(self.config, routing, stream[0], self.training):
+                stream = layer_graphs(self)(stream, routing)  # fixed layout: replay the captured CUDA graphs
             else:
                 for layer in self.layers:
                     stream = layer(stream, routing)

@@ -120,10 +120,59 @@ def check_rope(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         torch.testing.assert_close(xf.grad.float(), xr.grad, **tol)
 
 
+def check_layer(device: str = "cpu") -> None:
+    """A whole Libra layer (fp32, both routing plans) with the Triton kernels == with the PyTorch references."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from bench.layer import _init_megatron
+    from libra_megatron.config import libra_config
+    from libra_megatron.model import attention_inputs, fusions
+    from libra_megatron.model.rotary import RotaryTables
+    from libra_megatron.model.routing import ModalityRouting
+    from libra_megatron.model.specs import get_libra_layer_spec
+
+    _init_megatron(device)
+    config = libra_config("tiny", num_layers=1, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    layer = build_module(get_libra_layer_spec(), config=config, layer_number=1).to(device)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if "bridge" in name and name.endswith("_b.weight"):
+                param.normal_(0.0, 0.05)  # non-zero bridges
+    # short synthetic image runs (the layer does not need 578-position images): <s>, image, caption
+    vi = torch.full((2, 12), config.vocab.text_vision_index, dtype=torch.long)
+    vi[:, 1:6] = torch.arange(5)
+    positions = torch.arange(12).expand(2, 12)
+    for force_index in (False, True):
+        routing = ModalityRouting.build(vi, config.vocab, device=torch.device(device), validate=False,
+                                        force_index_plan=force_index)
+        routing.rotary = RotaryTables.build(positions.to(device), config.kv_channels, config.rotary_base,
+                                            torch.float32)
+        stream = [torch.randn(n, config.hidden_size, device=device)
+                  for n in (routing.full.num_text, routing.full.num_vision)]
+        results = []
+        for use_kernels in (True, False):
+            usable = fusions.triton_usable if use_kernels else (lambda *t: False)
+            saved = fusions.triton_usable, attention_inputs.triton_usable
+            fusions.triton_usable = attention_inputs.triton_usable = usable
+            try:
+                layer.zero_grad()
+                leaves = [t.clone().requires_grad_(True) for t in stream]
+                outs = layer(leaves, routing)
+                torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+                grads = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+                results.append([o.detach() for o in outs] + [t.grad for t in leaves] + grads)
+            finally:
+                fusions.triton_usable, attention_inputs.triton_usable = saved
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     for dtype in (torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16):
         check_attention_inputs(device, dtype)
         check_swiglu(device, dtype)
         check_rope(device, dtype)
+    check_layer(device)
     print("fused kernels match their references on", device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from libra_megatron.model.fusions import apply_rope, rope_reference
+from tests.model.helpers import make_batch
 
 
 def _tables(n: int, d: int, dtype=torch.float32, device="cpu"):
@@ -80,3 +81,51 @@ def test_cpu_fallbacks_are_the_references() -> None:
     gate_up = torch.randn(5, 12)
     assert torch.equal(swiglu_fused(gate_up), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
     assert torch.equal(swiglu(gate_up[:, :6], gate_up[:, 6:]), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run natively on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_references_on_cuda(dtype) -> None:
+    from tests.model.fused_kernel_checks import check_attention_inputs, check_rope, check_swiglu
+
+    check_attention_inputs("cuda", dtype)
+    check_swiglu("cuda", dtype)
+    check_rope("cuda", dtype)
+
+
+def _swapped_core_outputs():
+    from megatron.core.transformer.spec_utils import build_module
+
+    from libra_megatron.model.core_attention import EagerCoreAttention, SDPACoreAttention
+    from libra_megatron.model.micro_batch import build_micro_batch_routing
+    from libra_megatron.model.specs import get_libra_layer_spec
+    from tests.model.helpers import tiny_config
+
+    config = tiny_config()
+    out = {}
+    for layout in ("bos_image_caption", "mixed_offsets"):  # segment plan (lower-right causal runs), index plan
+        batch = make_batch(layout)
+        routing = build_micro_batch_routing(config, batch["vision_indices"], batch["position_ids"])
+        torch.manual_seed(0)
+        stream = [torch.randn(n, config.hidden_size) for n in (routing.full.num_text, routing.full.num_vision)]
+        results = []
+        for core in (SDPACoreAttention, EagerCoreAttention):
+            torch.manual_seed(1)
+            layer = build_module(get_libra_layer_spec(core_attention=core), config=config, layer_number=1)
+            assert type(layer.self_attention.core_attention) is core
+            leaves = [t.clone().requires_grad_(True) for t in stream]
+            outs = layer(leaves, routing)
+            torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+            results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+        out[layout] = results
+    return out
+
+
+def test_core_attention_is_swappable_through_the_spec() -> None:
+    """The eager reference core, swapped in through the layer spec, gives the SDPA core's outputs and gradients."""
+    from tests.distributed import run_on_ranks
+
+    (out,) = run_on_ranks(_swapped_core_outputs, world_size=1)
+    for layout, (sdpa, eager) in out.items():
+        for a, b in zip(sdpa, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=layout)
