@@ -21,8 +21,8 @@
 # installed with --no-deps --no-index.
 #
 # Output ($OUT, at most 8 files of <= 16 MiB): gpu_check.log (every section's tail and verdict), cuda_tests.log,
-# train_step.jsonl, layer.jsonl, libra_step.pt.trace.json.gz (Perfetto / TensorBoard) -- 5 files; sections added by
-# other issues may write at most 3 more (prefer appending to gpu_check.log through `section`).
+# train_step.jsonl, libra_step.pt.trace.json.gz (Perfetto / TensorBoard), layer_issue11.log (or layer.jsonl) -- 5
+# files; issue 12's section adds eval_throughput.jsonl; others may write at most 2 more.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -102,7 +102,11 @@ if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -le $((16 * 1024 * 1024)) ]; th
 fi
 
 # ----------------------------------------------------------------------------------------------------- layer
-section layer 60 bash -c "$PY bench/layer.py --device cuda | tee /dev/stderr | grep '^{' > '$OUT/layer.jsonl'"
+if [ -f bench/gpu_check_layer.sh ]; then  # issue 11's layer checks (Triton kernels, CUDA graphs, bench/layer.py)
+    section layer-issue11 180 bash bench/gpu_check_layer.sh
+else
+    section layer 60 bash -c "$PY bench/layer.py --device cuda | tee /dev/stderr | grep '^{' > '$OUT/layer.jsonl'"
+fi
 
 # ---------------------------------------------------------------------------------- SECTIONS OF OTHER ISSUES
 # Append below: `section NAME SECONDS COMMAND...` (output tail + verdict land in gpu_check.log). Keep the total under

@@ -17,7 +17,8 @@ import torch
 
 
 # Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
-HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids"})
+# "routing" (a family's prepare_batch result) is already placed where it belongs.
+HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids", "routing"})
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -69,14 +70,14 @@ class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
     def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
-                 dp_rank: int, dp_size: int, vocab: Any, check: Optional[Callable[[Dict], None]] = None) -> None:
+                 dp_rank: int, dp_size: int, vocab: Any, prepare: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler
         from libra_megatron.training.padding import build_collate
 
+        self.prepare = prepare  # per host micro-batch, before stats and the device copy (ModelFamily.prepare_batch)
         self.num_microbatches = args.num_microbatches
         self.vocab = vocab
         self.pipeline_parallel = args.pipeline_model_parallel_size
-        self.check = check
         total_samples = max(total_samples, consumed_samples)
         sampler = ResumableBatchSampler(total_samples, consumed_samples, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
@@ -99,12 +100,12 @@ class MicroBatchStream:
             batches = [next(self._iterator) for _ in range(self.num_microbatches)]
         except StopIteration:
             raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
+        batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
         stats = BatchStats()
         for batch in batches:
-            if self.check is not None:
-                self.check(batch)
+            if self.prepare is not None:
+                self.prepare(batch)
             stats.add(batch_stats(batch, self.vocab))
-        batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)
         if self.device is not None:
             batches = [to_device(batch, self.device) for batch in batches]
         return batches, stats
@@ -115,7 +116,7 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
     by the loader, e.g. re-padded ones, are pinned first so the copy never waits for the GPU)."""
     out = {}
     for key, value in batch.items():
-        if key in HOST_KEYS:
+        if key in HOST_KEYS or not isinstance(value, torch.Tensor) or value.device.type != "cpu":
             out[key] = value
             continue
         if not value.is_pinned():

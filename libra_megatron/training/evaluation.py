@@ -33,10 +33,11 @@ class ValidationStream:
     """
 
     def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
-                 vocab: Any = None, check: Optional[Callable[[Dict], None]] = None) -> None:
+                 vocab: Any = None, prepare: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
         from libra_megatron.training.padding import build_collate
 
+        self.prepare = prepare  # per host micro-batch (ModelFamily.prepare_batch)
         self.eval_iters, self.num_microbatches = args.eval_iters, args.num_microbatches
         sampler = ResumableBatchSampler(num_samples, 0, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
@@ -50,7 +51,7 @@ class ValidationStream:
             generator=torch.Generator().manual_seed(args.seed),
         )
         self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
-        self.vocab, self.pipeline_parallel, self.check = vocab, args.pipeline_model_parallel_size, check
+        self.vocab, self.pipeline_parallel = vocab, args.pipeline_model_parallel_size
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
@@ -64,10 +65,10 @@ class ValidationStream:
             except StopIteration:
                 raise RuntimeError("the validation dataset ran out of samples (it holds --eval-iters x "
                                    "--global-batch-size)")
-            for batch in batches if self.check is not None else []:
-                self.check(batch)
             if self.vocab is not None:
-                batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)
+                batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
+            for batch in batches if self.prepare is not None else ():
+                self.prepare(batch)
             if self.device is not None:
                 batches = [to_device(batch, self.device) for batch in batches]
             yield batches
