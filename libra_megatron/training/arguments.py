@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from libra_megatron.evaluation.engine_captioning import add_captioning_args, validate_captioning_args
+from libra_megatron.training.architecture import FIELD_FLAGS, add_architecture_args
 from libra_megatron.training.run_config import RunConfig
 
 
@@ -26,7 +27,9 @@ class ConfigError(ValueError):
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="tiny", help="LibraConfig preset (libra-7b, tiny) or a GPT preset")
+    group.add_argument("--model", default=None,
+                       help="Libra preset (libra-7b, tiny) or a GPT preset; Libra default: the architecture of the "
+                            "checkpoint the run starts from (--load / --pretrained-checkpoint), else tiny")
     group.add_argument("--model-family", default="libra", choices=["libra", "gpt"],
                        help="libra = the Libra model; gpt = a text-only LLaMA-style megatron-core GPTModel baseline")
     group.add_argument("--stage", default="pretrain", choices=["pretrain", "instruct"],
@@ -40,6 +43,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-tokenizer", default=None,
                        help="folder of the frozen image tokenizer (CLIP runs on the first pipeline stage), "
                             "or 'tiny:SEED' for the random tiny tokenizer of tests and the CPU demo")
+    add_architecture_args(group)
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -267,6 +271,10 @@ def _validate_evaluation(args: argparse.Namespace) -> None:
                "tools/preprocess_images.py, e.g. from COCO-Karpathy val), or --mock-data")
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    return f"model '{args.model}'" if args.model else "the model"
+
+
 def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: Dict[str, int]) -> None:
     tp, pp, vpp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
     _check(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
@@ -275,12 +283,12 @@ def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: D
     args.data_parallel_size = world_size // (tp * pp)
     heads, layers = model_shape["num_attention_heads"], model_shape["num_layers"]
     _check(heads % tp == 0, f"--tensor-model-parallel-size {tp} does not divide num_attention_heads {heads} "
-                            f"of model '{args.model}'")
+                            f"of {_model_name(args)}")
     if vpp is not None:
         _check(pp > 1, "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
         _check(vpp >= 2, "--virtual-pipeline-model-parallel-size must be >= 2 (or unset)")
     chunks = pp * (vpp or 1)
-    _check(layers % chunks == 0, f"num_layers {layers} of model '{args.model}' is not divisible by PP x VPP = {chunks}")
+    _check(layers % chunks == 0, f"num_layers {layers} of {_model_name(args)} is not divisible by PP x VPP = {chunks}")
     if args.sequence_parallel:
         _check(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
         _check(args.seq_length % tp == 0, f"--seq-length {args.seq_length} must be divisible by TP {tp} under "
@@ -363,6 +371,8 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     args = argparse.Namespace(**vars(args))
     if args.num_layers is not None:
         model_shape = dict(model_shape, num_layers=args.num_layers)
+    for field, value in (model_shape.get("architecture") or {}).items():  # the resolved model, stated as flags
+        setattr(args, FIELD_FLAGS[field], value)
     _check(args.seq_length >= 2, "--seq-length must be >= 2")
     _validate_parallel(args, world_size, model_shape)
     _validate_batch(args)

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from libra_megatron.training.model_family import ModelFamily
+from libra_megatron.training.model_setup import build_model_chunks, count_parameters
 from libra_megatron.training.run_config import RunConfig
 
 GB = 1024**3
@@ -69,25 +70,10 @@ def _fake_world(world_size: int, rank: int, args: argparse.Namespace):
 
 
 def _meta_chunks(family: ModelFamily, args: argparse.Namespace) -> Tuple[List[torch.nn.Module], Any]:
-    from megatron.core import parallel_state
-
+    """This (fake) rank's chunks exactly as the trainer builds them, on the meta device."""
     config = family.build_config(args)
-    vpp = args.virtual_pipeline_model_parallel_size
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    chunks = []
     with torch.device("meta"):
-        for vp_stage in range(vpp or 1):
-            chunk = family.provider(config, args, first and vp_stage == 0, last and vp_stage == (vpp or 1) - 1,
-                                    vp_stage if vpp else None)
-            family.set_trainable(chunk, args.stage)
-            chunks.append(chunk)
-    return chunks, config
-
-
-def _count(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        return build_model_chunks(family, args, config), config
 
 
 def _layer_range(chunks: List[torch.nn.Module]) -> str:
@@ -194,7 +180,7 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
                           virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     with _fake_world(1, 0, single):
         chunks, _ = _meta_chunks(family, single)
-        total, trainable = _count(chunks)
+        total, trainable = count_parameters(chunks)
     del chunks
     vocab = family.vocab(args)
     clip = _clip_parameters(args) if family.needs_vision else None
@@ -202,7 +188,7 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
     for stage in range(pp):
         with _fake_world(args.world_size, stage * tp * dp, args):
             chunks, config = _meta_chunks(family, args)
-            params, train = _count(chunks)
+            params, train = count_parameters(chunks)
             layers = sum(len(getattr(getattr(c, "decoder", None), "layers", [])) for c in chunks)
             memory = estimate_memory(args, config, stage, params, train, layers, clip, vocab)
             stages.append({"stage": stage, "layers": _layer_range(chunks), "params": params, "trainable": train,
