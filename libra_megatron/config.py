@@ -46,6 +46,9 @@ class LibraConfig(TransformerConfig):
     """Check ids, image spans and CLIP feature shapes once per micro-batch (one host sync); see docs/design.md."""
     force_general_routing: bool = False
     """Testing/benchmark knob: route with index tensors even when every sample has the same layout."""
+    layer_cuda_graphs: bool = False
+    """Replay each stage's layers as CUDA graphs (forward and backward) for micro-batches of a fixed layout
+    (model/cuda_graphs.py); CUDA only, TP=1, no recompute; ignored on CPU."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -210,8 +210,9 @@ def _model_state(model: List[torch.nn.Module], metadata: Dict[str, Any]) -> Dict
 def _args_summary(args: argparse.Namespace) -> Dict[str, Any]:
     """The flags as plain values (no Namespace pickled into the checkpoint)."""
     plain = (bool, int, float, str, type(None))
-    return {k: v for k, v in vars(args).items() if isinstance(v, plain) or (isinstance(v, list) and
-                                                                           all(isinstance(x, plain) for x in v))}
+    # lists as plain lists: dist_checkpointing rewrites list items in place, which a frozen RunConfig list refuses
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items()
+            if isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))}
 
 
 def _barrier() -> None:

@@ -11,13 +11,14 @@ checkpoint's consumed-sample count, so the run sees exactly the samples an unint
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 
 # Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
-HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids"})
+# "routing" (a family's prepare_batch result) is already placed where it belongs.
+HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids", "routing"})
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -69,9 +70,10 @@ class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
     def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
-                 dp_rank: int, dp_size: int, vocab: Any) -> None:
+                 dp_rank: int, dp_size: int, vocab: Any, prepare: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
 
+        self.prepare = prepare  # per host micro-batch, before stats and the device copy (ModelFamily.prepare_batch)
         self.num_microbatches = args.num_microbatches
         self.vocab = vocab
         total_samples = max(total_samples, consumed_samples)
@@ -96,6 +98,8 @@ class MicroBatchStream:
             raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
         stats = BatchStats()
         for batch in batches:
+            if self.prepare is not None:
+                self.prepare(batch)
             stats.add(batch_stats(batch, self.vocab))
         if self.device is not None:
             batches = [{k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in b.items()}

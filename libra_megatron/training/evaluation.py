@@ -32,9 +32,11 @@ class ValidationStream:
     takes slice ``r``), so the union over DP ranks of one evaluation is samples ``[0, eval_iters x GBS)``.
     """
 
-    def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
+                 prepare: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
 
+        self.prepare = prepare  # per host micro-batch (ModelFamily.prepare_batch)
         self.eval_iters, self.num_microbatches = args.eval_iters, args.num_microbatches
         sampler = ResumableBatchSampler(num_samples, 0, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
@@ -59,6 +61,8 @@ class ValidationStream:
             except StopIteration:
                 raise RuntimeError("the validation dataset ran out of samples (it holds --eval-iters x "
                                    "--global-batch-size)")
+            for batch in batches if self.prepare is not None else ():
+                self.prepare(batch)
             if self.device is not None:
                 batches = [{k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in b.items()}
                            for b in batches]

@@ -145,10 +145,14 @@ class Trainer:
         if family.build_vision is not None and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             self.vision_encoder = family.build_vision(args)
         self.vocab = family.vocab(args)
+        self.prepare = None  # the family's per-micro-batch host step (Libra: its one routing), bound to the config
+        if family.prepare_batch is not None:
+            device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
+            self.prepare = partial(family.prepare_batch, self.config, device)
         dataset, total_samples = build_train_dataset(args, self.vocab)
         self.stream = MicroBatchStream(dataset, total_samples, args, self.resume.consumed_samples,
                                        parallel_state.get_data_parallel_rank(),
-                                       parallel_state.get_data_parallel_world_size(), self.vocab)
+                                       parallel_state.get_data_parallel_world_size(), self.vocab, self.prepare)
         self.forward_step = make_forward_step(family, self.vision_encoder, self.vocab, args.image_loss_weight)
         self.valid_stream = self._build_valid_stream() if args.eval_iters > 0 else None
         self.captioner = None
@@ -184,7 +188,7 @@ class Trainer:
 
         dataset, samples = build_valid_dataset(self.args, self.vocab)
         return ValidationStream(dataset, samples, self.args, parallel_state.get_data_parallel_rank(),
-                                parallel_state.get_data_parallel_world_size())
+                                parallel_state.get_data_parallel_world_size(), self.prepare)
 
     def evaluate(self) -> Optional[Dict[str, float]]:
         """Validation losses now (collective: call on every rank); a dict on last-stage ranks, else ``None``."""
