@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from libra_megatron.model.fusions import rope_reference, triton_usable
+from libra_megatron.model.routing import permute_rows
 
 try:  # Triton is a megatron-core dependency; kernels launch only on CUDA tensors (or under TRITON_INTERPRET=1)
     import triton
@@ -58,7 +59,7 @@ def attention_inputs_reference(
     is_vision = (seq_to_sorted >= n_text).view(-1, 1, 1)
 
     def in_sequence_order(text: Tensor, vision: Tensor) -> Tensor:
-        return torch.cat([text, vision]).index_select(0, seq_to_sorted)
+        return permute_rows(torch.cat([text, vision]), seq_to_sorted, sorted_to_seq)
 
     k, v = in_sequence_order(k_t, k_v), in_sequence_order(v_t, v_v)
     dk, dv = in_sequence_order(bridge_text[0], bridge_vision[0]), in_sequence_order(bridge_text[1], bridge_vision[1])
@@ -70,7 +71,7 @@ def attention_inputs_reference(
     queries = rope_reference(in_sequence_order(q_t, q_v), cos, sin_signed)
     if queries_in_sequence_order:
         return queries, queries[:0], keys_text, values_text, keys_vision, values_vision
-    queries = queries.index_select(0, sorted_to_seq)
+    queries = permute_rows(queries, sorted_to_seq, seq_to_sorted)
     return queries[:n_text], queries[n_text:], keys_text, values_text, keys_vision, values_vision
 
 

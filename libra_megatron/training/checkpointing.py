@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import random
 import re
@@ -42,6 +43,7 @@ from libra_megatron.training.checkpoint_integrity import checkpoint_problem, lou
 from libra_megatron.utils.megatron_compat import ensure_adam_state, load_optimizer_state, use_in_process_write_queue
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+RUN_CONFIG_FILE = "run_config.json"  # the run's validated flags as plain JSON (e.g. the model architecture)
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_VERSION = 1
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
@@ -255,6 +257,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     _record_write_errors()
     try:
         dist_checkpointing.save(state, staging, content_metadata=content)
+        if rank == 0:
+            _write_atomic(os.path.join(staging, RUN_CONFIG_FILE),
+                          json.dumps(_args_summary(args), indent=1, sort_keys=True))
     except (Exception, BaseException) as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise

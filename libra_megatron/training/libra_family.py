@@ -28,25 +28,22 @@ from libra_megatron.training.model_family import BatchStats, ModelFamily, parall
 
 
 def _preset_fields(args: argparse.Namespace) -> Dict[str, Any]:
-    from libra_megatron.config import PRESETS
+    """The run's architecture: preset, flags or starting checkpoint (``training/architecture.py``)."""
+    from libra_megatron.training.architecture import resolve_architecture
 
-    if args.model not in PRESETS:
-        raise ValueError(f"--model '{args.model}' is not a Libra preset; known: {sorted(PRESETS)}")
-    return PRESETS[args.model]
+    return resolve_architecture(args)
 
 
-def _shape(args: argparse.Namespace) -> Dict[str, int]:
+def _shape(args: argparse.Namespace) -> Dict[str, Any]:
     preset = _preset_fields(args)
-    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"]}
+    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"],
+            "architecture": preset}
 
 
 def _build_config(args: argparse.Namespace) -> Any:
     from libra_megatron.config import libra_config
 
-    overrides = parallel_config_kwargs(args)
-    if args.num_layers is not None:
-        overrides["num_layers"] = args.num_layers
-    return libra_config(args.model, **overrides)
+    return libra_config(None, **{**_preset_fields(args), **parallel_config_kwargs(args)})
 
 
 def _vocab(args: argparse.Namespace) -> Any:
