@@ -102,6 +102,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="dataset prefixes, optionally weighted: 'w1 prefix1 w2 prefix2'")
     group.add_argument("--mock-data", action="store_true", help="deterministic synthetic samples (no files)")
     group.add_argument("--packing", action="store_true", help="pack several samples per row (block-diagonal attention)")
+    group.add_argument("--sequence-padding", default="dynamic", choices=["dynamic", "fixed"],
+                       help="dynamic: cut each micro-batch to its longest sample rounded up to --pad-to-multiple-of "
+                            "(PP > 1: to the step's longest); fixed: every micro-batch is --seq-length long")
+    group.add_argument("--pad-to-multiple-of", type=int, default=16,
+                       help="length granularity of dynamic padding (x TP under --sequence-parallel)")
     group.add_argument("--data-seed", type=int, default=None, help="seed of the sample order (default: --seed)")
     group.add_argument("--data-cache-path", default=None,
                        help="shared folder for the sample-order cache (rank 0 builds it, every rank mmaps it)")
@@ -147,6 +152,18 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--metrics-file", default=None, help="JSON line per iteration (last rank)")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="per-GPU dense bf16 peak for MFU (default: known for A100/H100/H200)")
+    group.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                       help="megatron timers: 0 = iteration time only; 1 = forward-backward, batch-generator, "
+                            "optimizer, all-grads-sync, params-all-gather (each syncs the device); 2 = also "
+                            "forward/backward compute and pipeline send/recv")
+    group.add_argument("--profile", action="store_true",
+                       help="torch profiler trace of iterations --profile-step-start+1 .. --profile-step-end")
+    group.add_argument("--profile-step-start", type=int, default=10)
+    group.add_argument("--profile-step-end", type=int, default=12)
+    group.add_argument("--profile-ranks", type=int, nargs="+", default=None, help="global ranks that profile "
+                                                                                  "(default: 0)")
+    group.add_argument("--profile-dir", default=None,
+                       help="where the .pt.trace.json.gz goes (default: --tensorboard-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +347,16 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     _check(args.log_interval >= 1, "--log-interval must be >= 1")
 
 
+def _validate_observability(args: argparse.Namespace) -> None:
+    _check(args.pad_to_multiple_of >= 1, "--pad-to-multiple-of must be >= 1")
+    if args.profile:
+        _check(0 <= args.profile_step_start < args.profile_step_end,
+               f"--profile-step-start {args.profile_step_start} must be >= 0 and below --profile-step-end "
+               f"{args.profile_step_end}")
+        _check(bool(args.profile_dir or args.tensorboard_dir), "--profile needs --profile-dir or --tensorboard-dir "
+                                                               "(where the trace is written)")
+
+
 def _validate_device(args: argparse.Namespace) -> None:
     """``--device`` defaults to cuda when available, else cpu (a dry run plans on any machine)."""
     import torch
@@ -359,6 +386,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     _validate_batch(args)
     _validate_schedule(args)
     _validate_checkpointing(args)
+    _validate_observability(args)
     _validate_data(args, dataset_files)
     _validate_evaluation(args)
     captioning_error = validate_captioning_args(args)
