@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
@@ -29,6 +28,7 @@ from libra_megatron.model.routed_linear import (
     text_column,
     text_row,
 )
+from libra_megatron.ops.wgrad_accum import linear
 
 
 class LibraRoutedMLP(MegatronModule):
@@ -58,7 +58,7 @@ class LibraRoutedMLP(MegatronModule):
         gate, up = text_column(text, self.linear_fc1.weight).chunk(2, dim=-1)
         out_t = text_row(swiglu(gate, up), self.linear_fc2.weight)
         a_gate, a_up = expert_column_a(vision, self.vision_fc1_a.weight).split(self.ffn_rank, dim=1)
-        hidden_v = swiglu(F.linear(a_gate, self.vision_gate_b.weight), F.linear(a_up, self.vision_up_b.weight))
+        hidden_v = swiglu(linear(a_gate, self.vision_gate_b.weight), linear(a_up, self.vision_up_b.weight))
         out_v = expert_row(hidden_v, self.vision_fc2_a.weight, self.vision_fc2_b.weight)
         return out_t, out_v
 

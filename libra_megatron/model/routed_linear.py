@@ -1,8 +1,9 @@
 """Routed linears: the frozen LLaMA weight for text rows, the low-rank expert ``y = B(Ax)`` for vision rows.
 
 Weights live in megatron-core's own parallel layers (so init, TP attributes and ``sharded_state_dict`` are
-theirs) or in :class:`ReplicatedLinear`; the forward is a plain ``F.linear`` on the rows of one modality, with
-the tensor-parallel communication placed explicitly by the helpers below. Every helper takes *complete*
+theirs) or in :class:`ReplicatedLinear`; the forward is a plain ``F.linear`` on the rows of one modality (``linear``
+of ``ops/wgrad_accum.py``: under megatron DDP with gradient-accumulation fusion the weight gradient accumulates
+straight into ``main_grad``), with the tensor-parallel communication placed explicitly by the helpers below. Every helper takes *complete*
 activations (identical on all TP ranks) and returns complete activations, so text and vision paths can be
 merged row-wise without mixing partial and complete gradients.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -41,6 +41,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.ops.wgrad_accum import batched_linear, linear
 
 
 def normal_init(std: float) -> Callable[[Tensor], Tensor]:
@@ -75,7 +76,7 @@ class ReplicatedLinear(MegatronModule):
                 init_method(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 def column_parallel(
@@ -113,12 +114,12 @@ def reduce_from_tp(x: Tensor) -> Tensor:
 
 def text_column(x: Tensor, weight: Tensor) -> Tensor:
     """Column role, text rows: complete ``x`` → this rank's output shard."""
-    return F.linear(copy_to_tp(x), weight)
+    return linear(copy_to_tp(x), weight)
 
 
 def text_row(x_shard: Tensor, weight: Tensor) -> Tensor:
     """Row role, text rows: this rank's input shard → complete output (h-wide all-reduce)."""
-    return reduce_from_tp(F.linear(x_shard, weight))
+    return reduce_from_tp(linear(x_shard, weight))
 
 
 def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
@@ -126,22 +127,20 @@ def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
 
     The copy after A all-reduces the r-wide gradient, so A's weight gradient and ``x``'s gradient are complete.
     """
-    return copy_to_tp(F.linear(x, weight_a))
+    return copy_to_tp(linear(x, weight_a))
 
 
 def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Tensor:
     """Row role, vision rows: this rank's input shard → ``B · allreduce(A_shard x_shard)`` (r-wide all-reduce)."""
-    return F.linear(reduce_from_tp(F.linear(x_shard, weight_a_shard)), weight_b)
+    return linear(reduce_from_tp(linear(x_shard, weight_a_shard)), weight_b)
 
 
 def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, ...]:
     """Several expert B's of equal shape ``[out, rank]`` in one batched GEMM: ``a = [a_1 ‖ … ‖ a_k]`` ``[n, k·rank]``
     (any row stride) → ``(a_1 B_1^T, …, a_k B_k^T)``, each a contiguous ``[n, out]``. One launch instead of k
     forward and one instead of 2k backward (the expert's GEMMs are small enough to be launch-bound on the host);
-    ``unbind`` (not indexing) so the backward stacks the k gradients in one op."""
-    n, rank = a.shape[0], weights[0].shape[1]
-    out = torch.bmm(a.view(n, len(weights), rank).transpose(0, 1), torch.stack(list(weights)).transpose(1, 2))
-    return out.unbind(0)
+    ``unbind`` (not indexing) so the backward stacks the k gradients in one op (see ``ops/wgrad_accum.py``)."""
+    return batched_linear(a, weights)
 
 
 def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:

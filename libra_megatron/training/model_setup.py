@@ -19,6 +19,7 @@ from typing import Any, List, Tuple
 
 import torch
 
+from libra_megatron.ops.wgrad_accum import enable_wgrad_accumulation_fusion
 from libra_megatron.training.model_family import ModelFamily
 from libra_megatron.training.optimizer import fused_optimizer_kernels
 
@@ -43,6 +44,8 @@ def build_model_chunks(family: ModelFamily, args: argparse.Namespace, config: An
         chunks.append(chunk)
     if args.device == "cuda":
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if getattr(config, "gradient_accumulation_fusion", False):  # Libra's own weights too (ops/wgrad_accum.py)
+        enable_wgrad_accumulation_fusion(chunks)
     return chunks
 
 
