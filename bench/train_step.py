@@ -57,7 +57,7 @@ def main() -> None:
              "--lr", "1e-4"] + (["--bf16"] if args.device == "cuda" else []) + extra
     train_args = parse_args(flags)
     family = get_family(train_args.model_family)
-    validate_args(train_args, 1, family.shape(train_args), dataset_files)
+    train_args = validate_args(train_args, 1, family.shape(train_args), dataset_files)
     trainer = Trainer(train_args, family)
     total, trainable = count_parameters([unwrap_model(m) for m in trainer.model])
     history = trainer.train()

@@ -32,7 +32,7 @@
 #     --sequence-parallel halves weights, grads and activations per GPU; --recompute-granularity selective|full
 #     trades compute for activation memory. Check any change with --dry-run first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "${LIBRA_ROOT:-$(dirname "$0")/..}"
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-8}
@@ -117,4 +117,4 @@ DISTRIBUTED_ARGS=(
     --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT"
 )
-exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"
+exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"

@@ -9,8 +9,9 @@
 4. ``tools/preprocess_images.py``: images and captions -> indexed binaries (LFQ codes, pixels, text ids);
 5. Libra pretraining with ``pretrain_libra.py`` on 2 processes (TP=2; the LLM frozen, the vision parameters train,
    the frozen CLIP on the first stage), stopped half way (``--exit-interval``) and resumed from its checkpoint;
-6. ``tools/convert_checkpoint.py engine-to-hf`` and captions of held-out images with ``tools/generate.py`` (the
-   exported Hugging Face model, greedy decoding).
+6. ``tools/convert_checkpoint.py engine-to-hf`` and captions of held-out images with ``tools/evaluate.py --task
+   caption`` (the exported Hugging Face model, greedy decoding), which also reports their CIDEr and BLEU-4 through
+   pycocoevalcap's scorers.
 
 Everything lands in ``--output`` (default ``demo_out/``); ``--steps``/``--train-images`` scale it.
 """
@@ -169,7 +170,12 @@ def main(argv: List[str] | None = None) -> int:
              "--data-path", data, "--image-tokenizer", tokenizers["vision_dir"], "--num-workers", "1",
              "--pretrained-checkpoint", base_engine, "--load", checkpoints, "--save", checkpoints,
              "--save-interval", str(max(1, half // 2)), "--keep-last-checkpoints", "2",
-             "--log-interval", "20", "--metrics-file", metrics, "--tensorboard-dir", os.path.join(out, "tensorboard")]
+             "--log-interval", "20", "--metrics-file", metrics, "--tensorboard-dir", os.path.join(out, "tensorboard"),
+             # zero-shot captioning of the held-out images by the engine model itself after the last step: its
+             # CIDEr equals the exported model's below (same weights, same greedy tokens)
+             "--eval-captioning", corpus["heldout"], "--eval-captioning-image-root", corpus["images"],
+             "--eval-captioning-tokenizer", tokenizers["text_model"], "--eval-captioning-interval", str(args.steps),
+             "--eval-captioning-samples", str(args.heldout_images), "--eval-captioning-max-new-tokens", "12"]
     _run(train + ["--exit-interval", str(half)])
     print(f"--- stopped at iteration {half}; starting the same command again resumes from {checkpoints}")
     _run(train)
@@ -182,11 +188,15 @@ def main(argv: List[str] | None = None) -> int:
           "--vision-tokenizer-dir", tokenizers["vision_dir"], "--dtype", "fp32"], quiet=True)
     with open(corpus["heldout"]) as handle:
         heldout = [json.loads(line) for line in handle]
-    command = [python, os.path.join(REPO, "tools", "generate.py"), "--model", export, "--raw",
-               "--max-new-tokens", "12", "--device", "cpu"]
-    for row in heldout:
-        command += ["--image", os.path.join(corpus["images"], row["image"])]
-    lines = [json.loads(line) for line in _run(command, quiet=True).splitlines() if line.startswith("{")]
+    evaluation = os.path.join(out, "eval_heldout")
+    _run([python, os.path.join(REPO, "tools", "evaluate.py"), "--task", "caption", "--data", corpus["heldout"],
+          "--image-root", corpus["images"], "--model", export, "--output", evaluation, "--max-new-tokens", "12",
+          "--batch-size", "8", "--device", "cpu", "--caption-metrics", "cider,bleu", "--caption-tokenizer",
+          "simple", "--no-progress"], quiet=True)
+    with open(os.path.join(evaluation, "predictions.jsonl")) as handle:
+        lines = [{"text": row.get("prediction", "")} for row in map(json.loads, handle)]
+    with open(os.path.join(evaluation, "summary.json")) as handle:
+        summary = json.load(handle)
     exact, words, total_words = 0, 0, 0
     print(f"{'image':<18} {'true caption':<31} generated")
     for row, result in zip(heldout, lines):
@@ -201,7 +211,11 @@ def main(argv: List[str] | None = None) -> int:
         print(f"{row['image']:<18} {row['caption']:<31} {' '.join(guess)}{' ...' if len(generated) > len(guess) else ''}")
     print("(a Libra base model never learns to stop: pretraining has no EOS target, as in the reference; the "
           "output is read up to the true caption's length)")
-    print(f"\nheld-out captions: {exact}/{len(heldout)} exact, {words}/{total_words} words in place; "
+    metrics = summary["metrics"]
+    print(f"\nheld-out captions (tools/evaluate.py, pycocoevalcap scorers on the raw generations): CIDEr "
+          f"{metrics['CIDEr']:.3f}, BLEU-4 {metrics['BLEU-4']:.3f} over {summary['scored']} images "
+          f"({os.path.join(evaluation, 'summary.md')})")
+    print(f"held-out captions: {exact}/{len(heldout)} exact, {words}/{total_words} words in place; "
           f"demo finished in {time.time() - start:.0f} s (outputs in {out})")
     return 0
 

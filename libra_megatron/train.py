@@ -6,13 +6,12 @@ at once with one clear message (printed by rank 0) and exit code 2.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Optional, Sequence
 
+from libra_megatron.utils.megatron_compat import silence_fallback_notices
+
 # megatron-core announces its fallbacks at import time on every rank; one line in the docs says it instead.
-for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                 "MimoModelConfig is experimental", "full scope is deprecated"):
-    warnings.filterwarnings("ignore", message=_message)
+silence_fallback_notices()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         family = get_family(args.model_family)
         if args.dry_run:
             world_size = args.dry_run_world_size or world_size
-        validate_args(args, world_size, family.shape(args), dataset_files)
+        args = validate_args(args, world_size, family.shape(args), dataset_files)
     except (ConfigError, ValueError) as error:
         if rank == 0:
             print(f"pretrain_libra: configuration error: {error}", file=sys.stderr, flush=True)

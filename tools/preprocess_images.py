@@ -18,7 +18,10 @@ Examples::
     python tools/preprocess_images.py --input-format llava --input llava_v1_5_mix665k.json --image-root llava/ ...
 
 A killed job, rerun with the same arguments, resumes and produces exactly the dataset an uninterrupted run
-would have. Bad inputs are skipped and listed in ``PREFIX.rejects.jsonl`` with their source and reason.
+would have. Bad inputs are skipped and listed in ``PREFIX.rejects.jsonl`` with their source and reason; image
+paths never leave ``--image-root``; a stuck or dying decode worker is replaced (``--worker-timeout``) and its
+record retried. Exit status: 0 done (warnings name records a rerun will retry), 2 bad arguments/input or no
+sample kept (no dataset is written). Failure classes: ``docs/design.md#preprocessing-failure-classes``.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS  # noqa: E402
 from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES  # noqa: E402
+from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS  # noqa: E402
 from libra_megatron.data.preprocess_job import PreprocessConfig, format_summary, run_preprocessing, summary_json  # noqa: E402
 
 
@@ -78,7 +83,14 @@ def parse_args(argv=None) -> PreprocessConfig:
     run.add_argument("--pixel-format", default=DEFAULT_PIXEL_FORMAT, choices=PIXEL_FORMATS)
     run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                      help="reject images above this many pixels (decompression bombs)")
+    run.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="reject image files / tar members above this size without reading them (default 64 MB)")
     run.add_argument("--max-caption-words", type=int, default=64)
+    run.add_argument("--max-caption-tokens", type=int, default=DEFAULT_MAX_CAPTION_TOKENS,
+                     help="keep at most this many caption tokens (a caption without spaces is one word)")
+    run.add_argument("--worker-timeout", type=float, default=600.0,
+                     help="seconds one record may take in a decode worker; a stuck worker is replaced and the "
+                          "record retried once, then rejected as 'timeout' (retried by the next run)")
     run.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     inputs = [p for pattern in args.input for p in _expand_braces(pattern)]
@@ -89,7 +101,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         workers=args.workers, batch_size=args.batch_size, device=args.device, tokenizer_dtype=args.tokenizer_dtype,
         rank=args.rank, world_size=args.world_size, merge=args.merge, pixel_format=args.pixel_format,
         max_image_pixels=args.max_image_pixels, max_caption_words=args.max_caption_words, image_key=args.image_key,
-        caption_key=args.caption_key, progress=not args.no_progress,
+        caption_key=args.caption_key, progress=not args.no_progress, max_image_bytes=args.max_image_bytes,
+        max_caption_tokens=args.max_caption_tokens, worker_timeout_s=args.worker_timeout,
     )
 
 

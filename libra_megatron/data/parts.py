@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from libra_megatron.data.indexed import SampleWriter, merge_indexed
+from libra_megatron.data.rejects import RETRYABLE_REASONS, count_by_reason
 from libra_megatron.data.sidecar import atomic_write_json, sidecar_path
 from libra_megatron.vocab import LibraVocab
 
@@ -83,9 +84,17 @@ class PartStore:
         except (OSError, ValueError, KeyError):
             return None
 
+    def is_final(self, chunk_id: int) -> bool:
+        """True when the chunk is committed and final (no record awaits a retry after a worker crash/timeout)."""
+        record = self.chunk_record(chunk_id)
+        return record is not None and record.get("final", True)
+
     def write_chunk(self, chunk_id: int, vocab: LibraVocab, fill: Callable[[SampleWriter], Dict[str, Any]]) -> Dict[str, Any]:
         """Write one chunk atomically: ``fill(writer)`` adds the samples and returns the chunk's counts/rejects."""
         tmp, final = self._tmp_prefix(chunk_id), self.part_prefix(chunk_id)
+        if os.path.exists(final + ".json"):  # a non-final chunk being redone: uncommit it before replacing its data
+            os.remove(final + ".json")
+            _fsync_dir(self.directory)
         writer = SampleWriter(tmp + ".bin", vocab)
         try:
             record = fill(writer)
@@ -113,6 +122,13 @@ class PartStore:
                                "run the missing ranks first")
         records = [self.chunk_record(c) for c in sorted(chunk_ids)]
         out = self.output_prefix
+        kept = sum(record["samples"] for record in records)
+        if kept == 0:
+            rejected = sum(len(record["rejects"]) for record in records)
+            reasons = count_by_reason(r for record in records for r in record["rejects"])
+            raise RuntimeError(f"no sample kept: all {rejected} record(s) of the input were rejected "
+                               f"({', '.join(f'{k}: {v}' for k, v in reasons.items()) or 'the input is empty'}); "
+                               f"no dataset written at {out} (rejects are listed in {self.directory}/chunk-*.json)")
         if os.path.exists(sidecar_path(out)):
             os.remove(sidecar_path(out))  # the old commit marker goes first: a killed merge leaves no sidecar
         for stale in glob.glob(glob.escape(out) + ".tmp-merge-*"):
@@ -130,9 +146,8 @@ class PartStore:
             name: int(np.sum([record[name] for record in records], dtype=np.int64))
             for name in ("records", "samples", "images", "text_tokens")
         }
-        from libra_megatron.data.rejects import count_by_reason
-
         counts["rejected"] = len(rejects)
+        counts["retryable"] = sum(r["reason"] in RETRYABLE_REASONS for r in rejects)
         counts["rejected_by_reason"] = count_by_reason(rejects)
         os.replace(tmp + ".bin", out + ".bin")
         os.replace(tmp + ".idx", out + ".idx")

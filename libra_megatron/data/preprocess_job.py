@@ -9,14 +9,12 @@ with several, ``--merge`` joins the parts once every rank is done.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,11 +22,13 @@ import torch
 from libra_megatron.data.indexed import SampleWriter, index_dtype
 from libra_megatron.data.parts import PartStore
 from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS
-from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings, init_worker, prepare_in_worker, prepare_record
-from libra_megatron.data.rejects import Rejected, count_by_reason
-from libra_megatron.data.samples import PieceKind
+from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS, Prepared, PrepareSettings
+from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES
+from libra_megatron.data.rejects import RETRYABLE_REASONS, Rejected, count_by_reason
+from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS, PieceKind
 from libra_megatron.data.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, vocab_to_json
-from libra_megatron.data.sources import Chunk, RawRecord, build_source
+from libra_megatron.data.sources import Chunk, build_source
+from libra_megatron.data.workers import WorkerPool, ordered_results
 from libra_megatron.data.text_tokenizer import TextTokenizer
 from libra_megatron.tokenizer.image_processing import IMAGE_SIZE, normalize_pixels
 
@@ -58,10 +58,12 @@ class PreprocessConfig:
     pixel_format: str = DEFAULT_PIXEL_FORMAT
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_caption_words: int = 64
+    max_caption_tokens: int = DEFAULT_MAX_CAPTION_TOKENS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     image_key: str = "image"
     caption_key: str = "caption"
     progress: bool = True
-    record_timeout_s: float = 600.0
+    worker_timeout_s: float = 600.0  # --worker-timeout: seconds one record may take in a decode worker
 
     def validate(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -74,6 +76,8 @@ class PreprocessConfig:
             raise ValueError("give exactly one of --image-tokenizer DIR and --tiny-image-tokenizer SEED")
         if self.merge not in ("auto", "only", "never"):
             raise ValueError(f"--merge must be auto, only or never, got {self.merge!r}")
+        if self.max_image_bytes <= 0 or self.max_caption_tokens <= 0 or self.worker_timeout_s <= 0:
+            raise ValueError("--max-image-bytes, --max-caption-tokens and --worker-timeout must be > 0")
 
 
 def _resolve_device(config: PreprocessConfig) -> tuple[torch.device, torch.dtype]:
@@ -106,32 +110,6 @@ def load_image_tokenizer(config: PreprocessConfig, device: torch.device, dtype: 
                 "dtype": str(dtype).replace("torch.", ""), "codebook_size": model.config.codebook_size,
                 "num_codebooks": model.num_codebooks, "num_patches": model.num_patches}
     return model, identity
-
-
-def _ordered_results(items: Iterable[Union[RawRecord, Rejected]], pool, window: int, timeout: float,
-                     inline: Optional[PrepareSettings]) -> Iterator[Union[Prepared, Rejected]]:
-    """Prepare records in input order, with at most ``window`` in flight in the pool (bounded memory)."""
-    if pool is None:
-        for item in items:
-            yield item if isinstance(item, Rejected) else prepare_record(item, inline)
-        return
-    pending: Deque = collections.deque()
-
-    def resolve(entry):
-        item, handle = entry
-        if handle is None:
-            return item
-        try:
-            return handle.get(timeout=timeout)
-        except multiprocessing.TimeoutError:
-            return Rejected(item.source, item.key, "unexpected_error", f"worker gave no result in {timeout:.0f} s")
-
-    for item in items:
-        pending.append((item, None if isinstance(item, Rejected) else pool.apply_async(prepare_in_worker, (item,))))
-        while len(pending) >= window:
-            yield resolve(pending.popleft())
-    while pending:
-        yield resolve(pending.popleft())
 
 
 class _ChunkWriter:
@@ -201,6 +179,7 @@ def _fingerprint(config: PreprocessConfig, source, text_tokenizer: TextTokenizer
     return {"source": source.describe(), "kind": kind, "text_tokenizer_sha256": text_tokenizer.sha256,
             "image_tokenizer": image_identity, "pixel_format": config.pixel_format,
             "max_image_pixels": config.max_image_pixels, "max_caption_words": config.max_caption_words,
+            "max_caption_tokens": config.max_caption_tokens, "max_image_bytes": config.max_image_bytes,
             "batch_size": config.batch_size}
 
 
@@ -209,19 +188,21 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
     config.validate()
     start = time.perf_counter()
     source = build_source(config.input_format, config.inputs, config.image_root, config.chunk_size,
-                          config.image_key, config.caption_key)
+                          config.image_key, config.caption_key, config.max_image_bytes)
     chunks: List[Chunk] = source.chunks()
     text_tokenizer = TextTokenizer(config.tokenizer_model)
-    settings = PrepareSettings(text_tokenizer, config.pixel_format, config.max_image_pixels, config.max_caption_words)
+    settings = PrepareSettings(text_tokenizer, config.pixel_format, config.max_image_pixels, config.max_caption_words,
+                               max_image_bytes=config.max_image_bytes, max_caption_tokens=config.max_caption_tokens)
     mine = [c for c in chunks if c.chunk_id % config.world_size == config.rank]
     store = PartStore(config.output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
 
     # The pool forks before any torch work so the workers inherit no OpenMP state.
-    todo = [c for c in mine if store.chunk_record(c.chunk_id) is None] if config.merge != "only" else []
+    # A chunk is redone when it has no committed record, or one that is not final (a worker crash / timeout).
+    todo = [c for c in mine if not store.is_final(c.chunk_id)] if config.merge != "only" else []
     pool = None
     if todo and config.workers > 0:
-        pool = multiprocessing.get_context("fork").Pool(config.workers, initializer=init_worker, initargs=(settings,))
+        pool = WorkerPool(config.workers, settings, config.worker_timeout_s)
     try:
         device, dtype = _resolve_device(config)
         image_tokenizer, image_identity = load_image_tokenizer(config, device, dtype)
@@ -231,7 +212,7 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
         store.prepare(fingerprint, [c.chunk_id for c in todo])  # merge-only touches no temporary file
         done_before = len(mine) - len(todo)
         summary = {"rank": config.rank, "chunks": len(mine), "chunks_resumed": done_before, "records": 0,
-                   "samples": 0, "images": 0, "rejected_by_reason": {}}
+                   "samples": 0, "images": 0, "rejected_by_reason": {}, "retryable": 0}
         rejects: List[Dict[str, str]] = []
         total = sum(c.stop - c.start for c in todo) if config.input_format != "webdataset" else None
         progress = _Progress(config.progress, total, config.rank)
@@ -241,7 +222,7 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
             def fill(writer: SampleWriter, chunk: Chunk = chunk) -> Dict[str, Any]:
                 chunk_writer = _ChunkWriter(writer, image_tokenizer, device, dtype, config.batch_size)
                 chunk_rejects, records = [], 0
-                for result in _ordered_results(source.read(chunk), pool, window, config.record_timeout_s, settings):
+                for result in ordered_results(source.read(chunk), pool, window, settings):
                     records += 1
                     if isinstance(result, Rejected):
                         chunk_rejects.append(result.to_json())
@@ -249,18 +230,26 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
                         chunk_writer.add(result)
                     progress.update(isinstance(result, Rejected))
                 chunk_writer.flush()
-                return dict(chunk_writer.counts, source=chunk.source, records=records, rejects=chunk_rejects)
+                retryable = sum(r["reason"] in RETRYABLE_REASONS for r in chunk_rejects)
+                return dict(chunk_writer.counts, source=chunk.source, records=records, rejects=chunk_rejects,
+                            final=retryable == 0)
 
             record = store.write_chunk(chunk.chunk_id, vocab, fill)
             rejects.extend(record["rejects"])
+            summary["retryable"] += sum(r["reason"] in RETRYABLE_REASONS for r in record["rejects"])
             for name in ("records", "samples", "images"):
                 summary[name] += record[name]
         progress.close()
         processing = time.perf_counter() - processing_start
     finally:
         if pool is not None:
-            pool.close()
-            pool.join()
+            summary_workers_replaced = pool.replaced
+            pool.close()  # terminates the workers; never only joins them
+    if pool is not None:
+        summary["workers_replaced"] = summary_workers_replaced
+    if summary["retryable"]:
+        logger.warning("%d record(s) failed in decode workers (crash or timeout) and were rejected for now; rerun "
+                       "the same command to retry them", summary["retryable"])
     elapsed = time.perf_counter() - start
     summary["rejected_by_reason"] = count_by_reason(rejects)
     summary["rejected"] = len(rejects)
@@ -276,7 +265,8 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
             "text_tokenizer": text_tokenizer.identity(), "image_tokenizer": image_identity,
             "inputs": source.describe(),
             "settings": {k: v for k, v in asdict(config).items()
-                         if k in ("max_image_pixels", "max_caption_words", "batch_size", "pixel_format")},
+                         if k in ("max_image_pixels", "max_caption_words", "max_caption_tokens", "max_image_bytes",
+                                   "batch_size", "pixel_format")},
         }
         merged = store.merge([c.chunk_id for c in chunks], index_dtype(vocab), sidecar)
         summary["dataset"] = {"prefix": config.output_prefix, **merged["counts"]}
@@ -292,6 +282,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
     ]
     for reason, count in summary["rejected_by_reason"].items():
         lines.append(f"    {reason:<20s} {count}")
+    if summary.get("retryable"):
+        lines.append(f"  {summary['retryable']} record(s) failed in decode workers (crash/timeout): their chunks are "
+                     "not final; rerun the same command to retry them")
     if "dataset" in summary:
         d = summary["dataset"]
         lines.append(f"dataset {d['prefix']}: {d['samples']} samples, {d['images']} images, {d['text_tokens']} text "

@@ -4,7 +4,10 @@ Reasons (``Rejected.reason``):
 
 ================== ==================================================================================
 missing_image      the record names no image, the image file does not exist, or a tar sample has none
-unreadable_image   the image file exists but cannot be read (permissions, a directory, I/O error)
+unsafe_path        the image path resolves (after symbolic links) outside ``--image-root``; never opened
+not_regular_file   the image path is a folder, named pipe, device or socket; never opened
+image_too_large    the image file or tar member is above ``--max-image-bytes``; never read
+unreadable_image   the image file exists but cannot be read (permissions, I/O error)
 empty_file         the image file has zero bytes
 corrupt_image      the bytes are not a decodable image
 truncated_image    the image data ends early
@@ -14,12 +17,17 @@ zero_size_image    an image with zero width or height
 missing_caption    no caption field (json ``caption`` / ``.txt``)
 empty_caption      the caption is empty after cleaning
 bad_caption        the caption cannot be tokenised as expected
-bad_record         a malformed annotation line/entry (bad JSON, wrong types)
+bad_record         a malformed annotation line/entry (bad JSON, not UTF-8, a field of the wrong type)
 bad_conversation   conversation turns missing, unknown roles, or not alternating human/gpt
 image_tag_mismatch the number of ``<image>`` tags does not match the number of images
 empty_turn         an empty human or assistant turn
 unsafe_member_path a tar member whose path escapes the archive (absolute, ``..``) or is a link/device
-unreadable_shard   a tar shard that cannot be opened or read to the end (the rest of the shard is lost)
+duplicate_key      a webdataset key used by more than one sample of a shard (never merged)
+unreadable_shard   a tar shard that cannot be opened at all
+truncated_shard    a shard cut inside a member (that sample), or without its end-of-archive marker (the tail,
+                   reported under the last good key); every complete sample before it is kept
+worker_crash       the decode worker died on the record twice (retryable: the next run retries it)
+timeout            the decode worker gave no result within ``--worker-timeout`` twice (retryable)
 unexpected_error   any other exception while preparing the record (message in ``detail``)
 ================== ==================================================================================
 """
@@ -28,6 +36,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
+
+# Rejections caused by the machine rather than the data: a chunk holding one is not committed as final, so the
+# next run with the same arguments retries it.
+RETRYABLE_REASONS = frozenset({"worker_crash", "timeout"})
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,13 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 IMAGE_TAG = "<image>"
+DEFAULT_MAX_CAPTION_TOKENS = 256  # --max-caption-tokens
+
+
+def caption_char_budget(max_tokens: int) -> int:
+    """Characters of a raw caption that are cleaned and tokenised: 64 per allowed token (a LLaMA token is at
+    most 16 characters, so only captions of mostly whitespace could lose tokens to this cut)."""
+    return max(4096, (max_tokens + 1) * 64)
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -76,12 +83,15 @@ def clean_caption(caption: str, max_words: int = 64) -> str:
     return caption
 
 
-def pretrain_pieces(tokenizer: TextTokenizer, caption: Optional[str], max_words: int = 64) -> List[Piece]:
-    """Pieces of an image-caption pretraining sample (docs/architecture.md#labels table)."""
+def pretrain_pieces(tokenizer: TextTokenizer, caption: Optional[str], max_words: int = 64,
+                    max_tokens: int = DEFAULT_MAX_CAPTION_TOKENS) -> List[Piece]:
+    """Pieces of an image-caption pretraining sample (docs/architecture.md#labels table); the caption keeps at most ``max_words``
+    words and ``max_tokens`` tokens (a caption without spaces is one word: only the token bound holds it)."""
     if caption is None:
         raise SampleError("missing_caption", "no caption")
     if not isinstance(caption, str):
-        raise SampleError("missing_caption", f"caption is a {type(caption).__name__}, not text")
+        raise SampleError("bad_record", f"caption is a {type(caption).__name__}, not text")
+    caption = caption[: caption_char_budget(max_tokens)]  # bounded work on a megabyte caption
     cleaned = clean_caption(caption, max_words)
     if not cleaned:
         raise SampleError("empty_caption", f"caption {caption[:80]!r} is empty after cleaning")
@@ -92,7 +102,7 @@ def pretrain_pieces(tokenizer: TextTokenizer, caption: Optional[str], max_words:
         Piece(PieceKind.TEXT, (tokenizer.bos_id,)),
         Piece(PieceKind.IMAGE_TARGET, image=0),
         Piece(PieceKind.TEXT, (tokenizer.newline_id,)),
-        Piece(PieceKind.TEXT_TARGET, tuple(ids[1:])),
+        Piece(PieceKind.TEXT_TARGET, tuple(ids[1 : 1 + max_tokens])),
     ]
 
 

@@ -2,39 +2,23 @@
 LLaVA instruction json. Each splits its input into numbered *chunks* (a tar shard, or ``chunk_size``
 annotation records) — the unit of work, of rank assignment and of atomic output — and yields the raw records
 of a chunk in a fixed order (or :class:`~libra_megatron.data.rejects.Rejected` entries for what it cannot
-read). Nothing here decodes images; that happens in the workers (:mod:`libra_megatron.data.preprocess_worker`).
+read). Nothing here decodes images or opens them; that happens in the workers (:mod:`libra_megatron.data.preprocess_worker`,
+through :mod:`libra_megatron.data.safe_read`). Annotation files are decoded line by line
+(:mod:`libra_megatron.data.annotations`); fields of the wrong type are ``bad_record`` with file and line.
 """
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import os
-import re
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
+from libra_megatron.data.annotations import csv_rows, json_entries, jsonl_rows
+from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES, IMAGE_EXTENSIONS, RawRecord
 from libra_megatron.data.rejects import Rejected
+from libra_megatron.data.webdataset import read_shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset: key = path up to the first dot of the basename
-
-
-@dataclass
-class RawRecord:
-    """One input sample before decoding: where it is from, its image (bytes or a path) and its text."""
-
-    source: str
-    key: str
-    kind: str  # "pretrain" (image + caption) or "instruct" (conversation, optional image)
-    image_name: Optional[str] = None  # file or member name (for the extension check)
-    image_bytes: Optional[bytes] = None
-    image_paths: Sequence[str] = ()  # candidate paths, tried in order (LLaVA's '-' -> '_' retry)
-    caption: Optional[str] = None
-    caption_error: Optional[str] = None  # a caption that exists but could not be read (reason code)
-    conversations: Optional[List[Dict[str, Any]]] = None
-    has_image: bool = True
+__all__ = ["IMAGE_EXTENSIONS", "RawRecord", "Chunk", "Item", "build_source", "expand_inputs"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +53,9 @@ class WebDatasetSource:
 
     kind = "pretrain"
 
-    def __init__(self, shards: Sequence[str]):
+    def __init__(self, shards: Sequence[str], max_member_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.shards = list(shards)
+        self.max_member_bytes = max_member_bytes
 
     def describe(self) -> Dict[str, Any]:
         return {"format": "webdataset", "inputs": self.shards}
@@ -79,79 +64,18 @@ class WebDatasetSource:
         return [Chunk(i, shard) for i, shard in enumerate(self.shards)]
 
     def read(self, chunk: Chunk) -> Iterator[Item]:
-        shard = chunk.source
-        try:
-            archive = tarfile.open(shard, mode="r|*")
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            yield Rejected(shard, "", "unreadable_shard", f"cannot open: {exc}")
-            return
-        key, members, unsafe = None, {}, None
-        try:
-            with archive:
-                for member in archive:
-                    name = member.name
-                    if member.isdir():
-                        continue
-                    match = _WDS_KEY.match(name)
-                    member_key = match.group(1) if match else name
-                    if member_key != key:
-                        if key is not None:
-                            yield self._record(shard, key, members, unsafe)
-                        key, members, unsafe = member_key, {}, None
-                    problem = _unsafe_member(member)
-                    if problem:
-                        unsafe = unsafe or f"{name!r}: {problem}"
-                        continue
-                    if match is None:
-                        continue
-                    handle = archive.extractfile(member)
-                    members[match.group(2).lower()] = (name, handle.read() if handle else b"")
-                if key is not None:
-                    yield self._record(shard, key, members, unsafe)
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            yield Rejected(shard, key or "", "unreadable_shard", f"read error after key {key!r}: {exc}")
-
-    @staticmethod
-    def _record(shard: str, key: str, members: Dict[str, tuple], unsafe: Optional[str]) -> Item:
-        if unsafe:
-            return Rejected(shard, key, "unsafe_member_path", unsafe)
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None:
-            return Rejected(shard, key, "missing_image", f"no image member among {sorted(members)}")
-        record = RawRecord(source=shard, key=key, kind="pretrain")
-        record.image_name, record.image_bytes = members[image_ext]
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"][1].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return Rejected(shard, key, "bad_record", f"{members['json'][0]}: invalid JSON ({exc})")
-            if isinstance(meta, dict) and "caption" in meta:
-                record.caption = meta["caption"]
-        if record.caption is None and "txt" in members:
-            try:
-                record.caption = members["txt"][1].decode("utf-8")
-            except UnicodeDecodeError:
-                record.caption_error = f"{members['txt'][0]} is not UTF-8"
-        return record
+        yield from read_shard(chunk.source, self.max_member_bytes)
 
 
-def _unsafe_member(member: tarfile.TarInfo) -> Optional[str]:
-    name = member.name
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "absolute path"
-    if ".." in re.split(r"[/\\]", name):
-        return "path escapes the archive ('..')"
-    if member.issym() or member.islnk():
-        return "link member"
-    if not member.isfile():
-        return "not a regular file"
-    return None
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 class _AnnotationSource:
     """Shared chunking of annotation-file sources (records are parsed once per process)."""
 
     kind = "pretrain"
+    format = ""
 
     def __init__(self, path: str, image_root: Optional[str], chunk_size: int):
         if chunk_size <= 0:
@@ -182,12 +106,9 @@ class _AnnotationSource:
     def image_path(self, relative: str) -> str:
         return os.path.join(self.image_root, relative)
 
-    def _load_json(self) -> Any:
-        try:
-            with open(self.path, "r", encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read annotation file {self.path!r}: {exc}") from exc
+    def bad(self, key: str, line: int, detail: str) -> Rejected:
+        where = "" if detail.startswith("line ") else f"line {line}: "
+        return Rejected(self.path, key, "bad_record", where + detail)
 
     def _parse(self) -> Iterator[Item]:
         raise NotImplementedError
@@ -204,39 +125,26 @@ class CaptionFileSource(_AnnotationSource):
         self.image_key, self.caption_key = image_key, caption_key
 
     def _parse(self) -> Iterator[Item]:
-        try:
-            handle = open(self.path, "r", encoding="utf-8", newline="")
-        except OSError as exc:
-            raise ValueError(f"cannot read captions file {self.path!r}: {exc}") from exc
-        with handle:
-            if self.path.lower().endswith(".csv"):
-                reader = csv.DictReader(handle)
-                missing = {self.image_key, self.caption_key} - set(reader.fieldnames or ())
-                if missing:
-                    raise ValueError(f"{self.path}: CSV header lacks column(s) {sorted(missing)}")
-                rows = ((f"row{n + 2}", row, None) for n, row in enumerate(reader))
+        if self.path.lower().endswith(".csv"):
+            rows, prefix = csv_rows(self.path, [self.image_key, self.caption_key]), "row"
+        else:
+            rows, prefix = jsonl_rows(self.path), "line"
+        for line, row, error in rows:
+            key = f"{prefix}{line}"
+            if error:
+                yield self.bad(key, line, error)
+                continue
+            image, caption = row.get(self.image_key), row.get(self.caption_key)
+            if image is None or image == "":
+                yield Rejected(self.path, key, "missing_image", f"line {line}: no '{self.image_key}' field")
+            elif not isinstance(image, str):
+                yield self.bad(key, line, f"field '{self.image_key}' is a {_type_name(image)}, not a path")
+            elif caption is not None and not isinstance(caption, str):
+                yield self.bad(key, line, f"field '{self.caption_key}' is a {_type_name(caption)}, not text")
             else:
-                rows = (self._json_line(n, line) for n, line in enumerate(handle) if line.strip())
-            for key, row, error in rows:
-                if error:
-                    yield Rejected(self.path, key, "bad_record", error)
-                elif not isinstance(row.get(self.image_key), str) or not row[self.image_key]:
-                    yield Rejected(self.path, key, "missing_image", f"no '{self.image_key}' field")
-                else:
-                    yield RawRecord(source=self.path, key=key, kind="pretrain", image_name=row[self.image_key],
-                                    image_paths=(self.image_path(row[self.image_key]),),
-                                    caption=row.get(self.caption_key))
-
-    @staticmethod
-    def _json_line(index: int, line: str):
-        key = f"line{index + 1}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return key, None, f"invalid JSON: {exc}"
-        if not isinstance(row, dict):
-            return key, None, "line is not a JSON object"
-        return key, row, None
+                yield RawRecord(source=self.path, key=key, kind="pretrain", image_name=image,
+                                image_paths=(self.image_path(image),), image_root=self.image_root, caption=caption,
+                                line=line)
 
 
 class CocoKarpathySource(_AnnotationSource):
@@ -245,21 +153,46 @@ class CocoKarpathySource(_AnnotationSource):
     format = "coco-karpathy"
 
     def _parse(self) -> Iterator[Item]:
-        entries = self._load_json()
-        if not isinstance(entries, list):
-            raise ValueError(f"{self.path}: expected a JSON list of {{image, caption}} entries")
-        for index, entry in enumerate(entries):
+        for index, (line, entry, error) in enumerate(json_entries(self.path)):
             key = str(index)
-            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-                yield Rejected(self.path, key, "bad_record" if not isinstance(entry, dict) else "missing_image",
-                               "entry needs an 'image' path")
+            if error:
+                yield self.bad(key, line, error)
+                continue
+            if not isinstance(entry, dict):
+                yield self.bad(key, line, f"entry is a {_type_name(entry)}, not an object")
+                continue
+            image = entry.get("image")
+            if image is None or image == "":
+                yield Rejected(self.path, key, "missing_image", f"line {line}: entry needs an 'image' path")
+                continue
+            if not isinstance(image, str):
+                yield self.bad(key, line, f"field 'image' is a {_type_name(image)}, not a path")
                 continue
             captions = entry.get("caption")
             captions = captions if isinstance(captions, list) else [captions]
             for j, caption in enumerate(captions):
-                yield RawRecord(source=self.path, key=key if len(captions) == 1 else f"{key}.{j}", kind="pretrain",
-                                image_name=entry["image"], image_paths=(self.image_path(entry["image"]),),
-                                caption=caption)
+                caption_key = key if len(captions) == 1 else f"{key}.{j}"
+                if caption is not None and not isinstance(caption, str):
+                    yield self.bad(caption_key, line, f"caption is a {_type_name(caption)}, not text")
+                    continue
+                yield RawRecord(source=self.path, key=caption_key, kind="pretrain", image_name=image,
+                                image_paths=(self.image_path(image),), image_root=self.image_root, caption=caption,
+                                line=line)
+
+
+def _conversation_type_error(conversations: Any) -> Optional[str]:
+    """Why ``conversations`` has the wrong shape of types (a list of objects with text fields), or ``None``."""
+    if conversations is None:
+        return None  # missing: a bad_conversation for the sample rules
+    if not isinstance(conversations, list):
+        return f"field 'conversations' is a {_type_name(conversations)}, not a list"
+    for index, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            return f"conversation turn {index} is a {_type_name(turn)}, not an object"
+        for name in ("from", "value"):
+            if name in turn and not isinstance(turn[name], str):
+                return f"conversation turn {index}: '{name}' is a {_type_name(turn[name])}, not text"
+    return None
 
 
 class LlavaSource(_AnnotationSource):
@@ -269,20 +202,26 @@ class LlavaSource(_AnnotationSource):
     kind = "instruct"
 
     def _parse(self) -> Iterator[Item]:
-        entries = self._load_json()
-        if not isinstance(entries, list):
-            raise ValueError(f"{self.path}: expected a JSON list of conversation entries")
-        for index, entry in enumerate(entries):
+        for index, (line, entry, error) in enumerate(json_entries(self.path)):
             if not isinstance(entry, dict):
-                yield Rejected(self.path, str(index), "bad_record", "entry is not an object")
+                yield self.bad(str(index), line, error or f"entry is a {_type_name(entry)}, not an object")
                 continue
-            key = str(entry.get("id", index))
+            entry_id = entry.get("id", index)
+            id_ok = isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool)
+            key = str(entry_id) if id_ok else str(index)
+            if error:
+                yield self.bad(key, line, error)
+                continue
             image = entry.get("image")
-            if image is not None and not isinstance(image, str):
-                yield Rejected(self.path, key, "bad_record", "'image' must be one path")
+            problem = (f"field 'id' is a {_type_name(entry_id)}, not text or a number" if not id_ok else
+                       f"field 'image' is a {_type_name(image)}, not one path"
+                       if image is not None and not isinstance(image, str) else
+                       _conversation_type_error(entry.get("conversations")))
+            if problem:
+                yield self.bad(key, line, problem)
                 continue
             record = RawRecord(source=self.path, key=key, kind="instruct", conversations=entry.get("conversations"),
-                               has_image=image is not None, image_name=image)
+                               has_image=image is not None, image_name=image, image_root=self.image_root, line=line)
             if image is not None:
                 path = self.image_path(image)
                 directory, name = os.path.split(path)
@@ -292,11 +231,12 @@ class LlavaSource(_AnnotationSource):
 
 
 def build_source(input_format: str, inputs: Sequence[str], image_root: Optional[str] = None,
-                 chunk_size: int = 1000, image_key: str = "image", caption_key: str = "caption"):
+                 chunk_size: int = 1000, image_key: str = "image", caption_key: str = "caption",
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
     """The reader for ``--input-format`` (webdataset, image-folder, coco-karpathy, llava)."""
     paths = expand_inputs(inputs)
     if input_format == "webdataset":
-        return WebDatasetSource(paths)
+        return WebDatasetSource(paths, max_image_bytes)
     if len(paths) != 1:
         raise ValueError(f"--input-format {input_format} takes exactly one annotation file, got {len(paths)}")
     if input_format == "image-folder":
@@ -306,4 +246,3 @@ def build_source(input_format: str, inputs: Sequence[str], image_root: Optional[
     if input_format == "llava":
         return LlavaSource(paths[0], image_root, chunk_size)
     raise ValueError(f"unknown --input-format {input_format!r}")
-

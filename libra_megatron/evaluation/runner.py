@@ -115,27 +115,36 @@ def resolve_model(options: EvalOptions, rank: int, dtype_name: str) -> str:
     return target
 
 
-class _Generator:
-    """The loaded export + tokenizers; ``answer(items)`` -> one record per item."""
+class Generator:
+    """The loaded export + tokenizers; ``answer(items)`` -> one record per item (also used by bench/)."""
 
-    def __init__(self, options: EvalOptions, folder: str, device: str, dtype: torch.dtype) -> None:
-        from transformers import AutoModelForCausalLM
-
-        from libra_megatron.data.text_tokenizer import TextTokenizer
-        from libra_megatron.inference import load_image_tokenizer, vocab_of
+    def __init__(self, options: EvalOptions, model: Any, tokenizer: Any, image_tokenizer: Any, device: str,
+                 dtype: torch.dtype) -> None:
+        from libra_megatron.inference import vocab_of
 
         self.options, self.device, self.dtype = options, device, dtype
-        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
-        self.tokenizer = TextTokenizer(options.tokenizer or os.path.join(folder, "tokenizer.model"))
-        self.image_tokenizer = load_image_tokenizer(options.vision_tokenizer or folder, device)
+        self.model, self.tokenizer, self.image_tokenizer = model, tokenizer, image_tokenizer
         self.vocab = vocab_of(self.model.config)
         if self.tokenizer.vocab_size != self.vocab.text_vocab_size:
-            raise ValueError(f"{self.tokenizer.model_path}: {self.tokenizer.vocab_size} text ids, the model expects "
-                             f"{self.vocab.text_vocab_size}")
+            raise ValueError(f"{getattr(tokenizer, 'model_path', 'tokenizer')}: {self.tokenizer.vocab_size} text ids, "
+                             f"the model expects {self.vocab.text_vocab_size}")
         template = options.template
         self.chat = (options.task != "caption") if template == "auto" else template == "chat"
         default_new = 30 if options.task == "caption" else (16 if options.task == "vqa" else 8)
         self.max_new_tokens = options.max_new_tokens or default_new
+
+    @classmethod
+    def load(cls, options: EvalOptions, folder: str, device: str, dtype: torch.dtype) -> "Generator":
+        """From an HF export folder (``AutoModelForCausalLM`` with the export's own code) and the tokenizers."""
+        from transformers import AutoModelForCausalLM
+
+        from libra_megatron.data.text_tokenizer import TextTokenizer
+        from libra_megatron.inference import load_image_tokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+        tokenizer = TextTokenizer(options.tokenizer or os.path.join(folder, "tokenizer.model"))
+        image_tokenizer = load_image_tokenizer(options.vision_tokenizer or folder, device)
+        return cls(options, model, tokenizer, image_tokenizer, device, dtype)
 
     def _question(self, item: EvalItem) -> str:
         if self.options.prompt is not None:
@@ -203,7 +212,7 @@ def run_evaluation(options: EvalOptions) -> Optional[Dict[str, Any]]:
     todo = [item for item in items if item.item_id not in finished][rank::world]
     generated, generate_seconds = 0, 0.0
     if todo:
-        generator = _Generator(options, folder, device, dtype)
+        generator = Generator.load(options, folder, device, dtype)
         writer = PredictionWriter(options.output, rank)
         bar = None
         if options.progress and rank == 0:

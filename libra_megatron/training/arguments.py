@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from libra_megatron.evaluation.engine_captioning import add_captioning_args, validate_captioning_args
+from libra_megatron.training.run_config import RunConfig
 
 
 class ConfigError(ValueError):
@@ -316,13 +317,26 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     _check(args.log_interval >= 1, "--log-interval must be >= 1")
 
 
+def _validate_device(args: argparse.Namespace) -> None:
+    """``--device`` defaults to cuda when available, else cpu (a dry run plans on any machine)."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(args.device != "cuda" or args.dry_run or torch.cuda.is_available(),
+           "--device cuda was requested but CUDA is not available")
+
+
 def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[str, int],
-                  dataset_files: Any) -> argparse.Namespace:
-    """Check the configuration and fill derived fields (``data_parallel_size``, ``num_microbatches``, ...).
+                  dataset_files: Any) -> RunConfig:
+    """Check the configuration, fill the derived fields (``data_parallel_size``, ``num_microbatches``, the device,
+    ...) and return it frozen: a :class:`~libra_megatron.training.run_config.RunConfig` that nothing can change
+    (``args`` itself is left as parsed).
 
     ``model_shape`` holds ``num_attention_heads`` and ``num_layers`` of the chosen model; ``dataset_files(prefix)``
     lists the files a dataset prefix needs. Raises :class:`ConfigError` with a message naming the flag or file.
     """
+    args = argparse.Namespace(**vars(args))
     if args.num_layers is not None:
         model_shape = dict(model_shape, num_layers=args.num_layers)
     _check(args.seq_length >= 2, "--seq-length must be >= 2")
@@ -337,5 +351,6 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     if args.model_family == "libra" and not args.dry_run:
         _check(args.image_tokenizer is not None, "--image-tokenizer is required for the Libra model (the frozen "
                                                  "CLIP tower makes the continuous features), e.g. 'tiny:0' on CPU")
+    _validate_device(args)
     args.world_size = world_size
-    return args
+    return RunConfig.freeze(args)

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from libra_megatron.utils.megatron_compat import ensure_adam_state, load_optimizer_state, use_in_process_write_queue
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_VERSION = 1
@@ -169,85 +171,6 @@ def _args_summary(args: argparse.Namespace) -> Dict[str, Any]:
                                                                            all(isinstance(x, plain) for x in v))}
 
 
-def _use_in_process_write_queue() -> None:
-    """Saves here are synchronous (megatron runs the writer threads in this process), so the writer's results
-    queue can be a plain ``queue.Queue``. megatron's default is a ``multiprocessing.Manager`` queue, which starts a
-    server process per rank and cannot start at all inside a daemonic worker process."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def _ensure_optimizer_state(optimizer: Any) -> None:
-    """Give every parameter of the torch optimizers inside a Megatron optimizer its Adam state (zeros, step 0)
-    if it has none yet, exactly what torch would create on the first step.
-
-    megatron-core 0.19.2's DistributedOptimizer.state_dict() asserts one common ``step`` across the state when
-    neither TE nor Apex is installed (torch AdamW fallback), so a freshly built optimizer (a load target, or a
-    save before the first step) would fail without this.
-    """
-    for sub in _inner_torch_optimizers(optimizer):
-        inner = sub.optimizer
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
-                state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-
-
-def _inner_torch_optimizers(optimizer: Any) -> List[Any]:
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [sub for sub in subs if getattr(sub, "optimizer", None) is not None]
-
-
-def _load_optimizer_state(optimizer: Any, state_dict: Any) -> None:
-    """``optimizer.load_state_dict`` plus three fixes for megatron-core 0.19.2's DistributedOptimizer on the
-    torch AdamW fallback (no TE/Apex, which is also our GPU image):
-
-    1. it copies into fp32 main params that are views of ``requires_grad`` model params: run under no_grad;
-    2. the fully-reshardable loader looks up a ``step`` entry the checkpoint never has: hand it the current one;
-    3. it gives every parameter the *same* ``step`` tensor, which torch's AdamW then increments once per
-       parameter per step, and the DP-reshardable loader overwrites it with 0 (wrong bias correction after a
-       resume either way): give each parameter its own step tensor with the value saved in the param groups.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    restore = []
-    for sub in _inner_torch_optimizers(optimizer):
-        if isinstance(sub, DistributedOptimizer):
-            original = sub._set_main_param_and_optimizer_states
-
-            def with_step(model_param: Any, tensors: Dict[str, Any], _sub: Any = sub, _original: Any = original):
-                group_index, group_order = _sub.model_param_group_index_map[model_param]
-                main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
-                step = _sub.optimizer.state[main_param].get("step")
-                if isinstance(step, torch.Tensor) and "step" not in tensors:
-                    tensors = dict(tensors, step=step)
-                return _original(model_param, tensors)
-
-            sub._set_main_param_and_optimizer_states = with_step
-            restore.append(sub)
-    try:
-        with torch.no_grad():
-            optimizer.load_state_dict(state_dict)
-    finally:
-        for sub in restore:
-            del sub._set_main_param_and_optimizer_states  # back to the class method
-    for sub in restore:  # one step tensor per parameter, valued as the checkpoint's param groups say
-        for group in sub.optimizer.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                state = sub.optimizer.state[param]
-                if "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -274,7 +197,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     metadata = _sharding_metadata(args)
     state = _model_state(model, metadata)
     if optimizer is not None and not args.no_save_optim:
-        _ensure_optimizer_state(optimizer)
+        ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_state_object()
@@ -282,7 +205,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
                  checkpoint_version=CHECKPOINT_VERSION, args=_args_summary(args),
                  has_optimizer=optimizer is not None and not args.no_save_optim)
     content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
-    _use_in_process_write_queue()
+    use_in_process_write_queue()
     dist_checkpointing.save(state, staging, content_metadata=content)
     if args.overlap_param_gather:
         for chunk in model:
@@ -346,7 +269,7 @@ def load_checkpoint(path: str, model: List[torch.nn.Module], optimizer: Any, sch
         _check_optimizer_compatible(path, metadata, saved_layout, layout, args)
     load_rng = not weights_only and not args.no_load_rng and same_grid
     if load_optim:
-        _ensure_optimizer_state(optimizer)
+        ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
     if load_rng:
         state["rng_state"] = _rng_state_object()
@@ -355,7 +278,7 @@ def load_checkpoint(path: str, model: List[torch.nn.Module], optimizer: Any, sch
         key = "model" if len(model) == 1 else f"model{index}"
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if load_optim:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()  # bf16: the fp32 main params start from the loaded weights
     if weights_only:

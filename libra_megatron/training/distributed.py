@@ -22,11 +22,10 @@ def world_from_env() -> Tuple[int, int, int]:
 
 
 def resolve_device(args: argparse.Namespace) -> str:
-    """``args.device`` or ``cuda`` when available, else ``cpu``; enables the CPU megatron redirects on CPU."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The run's device (``args.device``, resolved by validation); enables the CPU megatron redirects on CPU."""
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but CUDA is not available")
-    args.device = device
     if device == "cpu":
         from libra_megatron.utils.cpu import enable_cpu_megatron
 

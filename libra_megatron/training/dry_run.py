@@ -24,12 +24,12 @@ the measurement.
 from __future__ import annotations
 
 import argparse
-import copy
 from typing import Any, Dict, List, Tuple
 
 import torch
 
 from libra_megatron.training.model_family import ModelFamily
+from libra_megatron.training.run_config import RunConfig
 
 GB = 1024**3
 FRAMEWORK_OVERHEAD_GB = 3.0
@@ -168,13 +168,11 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
     from libra_megatron.utils.cpu import enable_cpu_megatron
 
     enable_cpu_megatron()
-    args = copy.copy(args)
-    args.device, args.meta_device = "cpu", True
+    args = RunConfig.freeze(args).replace(device="cpu", meta_device=True)
     tp, pp, dp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size
     vpp = args.virtual_pipeline_model_parallel_size
-    single = copy.copy(args)
-    single.tensor_model_parallel_size = single.pipeline_model_parallel_size = 1
-    single.virtual_pipeline_model_parallel_size, single.sequence_parallel = None, False
+    single = args.replace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                          virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     with _fake_world(1, 0, single):
         chunks, _ = _meta_chunks(family, single)
         total, trainable = _count(chunks)

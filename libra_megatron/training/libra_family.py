@@ -111,9 +111,8 @@ def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str,
 def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
     from libra_megatron.training.vision import clip_geometry
 
-    if not hasattr(args, "_clip_geometry"):
-        args._clip_geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
-    return libra_step_flops(config, stats, args.stage, args._clip_geometry)
+    geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
+    return libra_step_flops(config, stats, args.stage, geometry)
 
 
 def _build_vision(args: argparse.Namespace) -> Any:

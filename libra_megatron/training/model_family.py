@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from libra_megatron.utils.megatron_compat import batch_p2p_comm_is_safe
+
 LOSS_KEYS = ("lm loss", "text loss", "image loss")
 
 
@@ -142,9 +144,8 @@ def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         apply_rope_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # PP=2 with the interleaved schedule pairs activations with gradients under batched p2p on gloo
-        # (docs/architecture.md#cpu-megatron): send and receive one by one there.
-        batch_p2p_comm=not (vpp is not None and args.pipeline_model_parallel_size == 2 and gloo),
+        # docs/architecture.md#cpu-megatron: not batched at interleaved PP=2 on gloo (megatron_compat)
+        batch_p2p_comm=batch_p2p_comm_is_safe(args.pipeline_model_parallel_size, vpp, "gloo" if gloo else "nccl"),
     )
     if args.recompute_granularity == "full":
         kwargs.update(recompute_granularity="full", recompute_method=args.recompute_method,

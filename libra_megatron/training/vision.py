@@ -9,6 +9,7 @@ tokenizer of tests and the CPU demo; it must be the tokenizer that produced the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Any, Dict
@@ -43,7 +44,13 @@ def load_image_tokenizer(spec: str) -> Any:
 
 
 def clip_geometry(spec: str) -> Dict[str, int]:
-    """CLIP tower sizes of ``--image-tokenizer`` without loading weights (for FLOPs accounting)."""
+    """CLIP tower sizes of ``--image-tokenizer`` without loading weights (for FLOPs accounting); read once per
+    tokenizer (a copy is returned, the cached one cannot be changed through it)."""
+    return dict(_clip_geometry(spec))
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_geometry(spec: str) -> Dict[str, int]:
     from libra_megatron.tokenizer.clip_encoder import LIBRA_SELECT_LAYERS, TINY_CLIP, VIT_L14_336
 
     clip, layers = dict(VIT_L14_336), LIBRA_SELECT_LAYERS

@@ -90,7 +90,7 @@ def test_bad_webdataset_shards(tmp_path, sp_model_path):
         ("shard-0.tar", "noimage"): "missing_image",
         ("shard-0.tar", "badjson"): "bad_record",
         ("shard-1.tar", ""): "unreadable_shard",
-        ("shard-2.tar", "cut"): "unreadable_shard",
+        ("shard-2.tar", "cut"): "truncated_shard",
     }
     assert all(r["detail"] for r in _read_rejects(prefix))
     meta = read_sidecar(prefix)
@@ -122,5 +122,5 @@ def test_bad_image_folder_records(tmp_path, sp_model_path):
     run_preprocessing(config)
     assert len(SampleReader(prefix)) == 1
     rejects = {r["key"]: r["reason"] for r in _read_rejects(prefix)}
-    assert rejects == {"line2": "missing_image", "line3": "unreadable_image", "line4": "wrong_extension",
+    assert rejects == {"line2": "missing_image", "line3": "not_regular_file", "line4": "wrong_extension",
                        "line5": "missing_image", "line6": "bad_record", "line7": "missing_caption"}

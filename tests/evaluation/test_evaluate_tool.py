@@ -69,10 +69,17 @@ def _lines(path):
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def test_caption_end_to_end_with_bad_images_and_library_cider(export):
+@pytest.fixture(scope="module")
+def caption_run(export):
+    """One uninterrupted single-process caption run (the reference of the resume and DP tests)."""
     tmp, model = export
     out = tmp / "caption"
     _run(["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST])
+    return out
+
+
+def test_caption_end_to_end_with_bad_images_and_library_cider(caption_run):
+    out = caption_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["items"] == 7 and summary["scored"] == 5 and summary["skipped"] == 2
     assert summary["skipped_by_reason"] == {"missing image": 1, "corrupt image": 1}
@@ -108,17 +115,15 @@ def test_vqa_and_choice_end_to_end(export):
     assert summary["scored"] == 2 and {"accuracy", "unparsed", "yes_ratio"} <= set(summary["metrics"])
 
 
-def test_a_crashed_run_resumes_without_regenerating_or_double_scoring(export, monkeypatch):
+def test_a_crashed_run_resumes_without_regenerating_or_double_scoring(export, caption_run, monkeypatch):
     from libra_megatron.evaluation import runner
 
     tmp, model = export
     out = tmp / "resume"
     argv = ["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST]
-    reference_out = tmp / "uninterrupted"
-    _run(argv[:-len(FAST) - 2] + ["--output", str(reference_out), *FAST])
-    want = {p["id"]: p for p in _lines(reference_out / "predictions.jsonl")}
+    want = {p["id"]: p for p in _lines(caption_run / "predictions.jsonl")}
 
-    seen, original = [], runner._Generator.answer
+    seen, original = [], runner.Generator.answer
 
     def crash_on_second_batch(self, items):
         if len(seen) == 2:
@@ -126,7 +131,7 @@ def test_a_crashed_run_resumes_without_regenerating_or_double_scoring(export, mo
         seen.extend(i.item_id for i in items)
         return original(self, items)
 
-    monkeypatch.setattr(runner._Generator, "answer", crash_on_second_batch)
+    monkeypatch.setattr(runner.Generator, "answer", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _run(argv)
     rank_file = out / "predictions.rank0.jsonl"
@@ -140,7 +145,7 @@ def test_a_crashed_run_resumes_without_regenerating_or_double_scoring(export, mo
         generated.extend(i.item_id for i in items)
         return original(self, items)
 
-    monkeypatch.setattr(runner._Generator, "answer", counting)
+    monkeypatch.setattr(runner.Generator, "answer", counting)
     _run(argv)
     assert sorted(generated) == sorted(set(want) - set(seen)) and not set(generated) & set(seen)
     got = _lines(out / "predictions.jsonl")
@@ -158,7 +163,7 @@ def _dp_rank(argv):
     return main(argv)
 
 
-def test_two_data_parallel_ranks_equal_one(export):
+def test_two_data_parallel_ranks_equal_one(export, caption_run):
     from tests.distributed import run_on_ranks
 
     tmp, model = export
@@ -167,6 +172,4 @@ def test_two_data_parallel_ranks_equal_one(export):
     assert run_on_ranks(_dp_rank, world_size=2, args=(argv,)) == [0, 0]
     assert sorted(os.listdir(out)) == ["predictions.jsonl", "predictions.rank0.jsonl", "predictions.rank1.jsonl",
                                        "summary.json", "summary.md"]
-    single = tmp / "single"
-    _run(argv[:-len(FAST) - 2] + ["--output", str(single), *FAST])
-    assert _lines(out / "predictions.jsonl") == _lines(single / "predictions.jsonl")
+    assert _lines(out / "predictions.jsonl") == _lines(caption_run / "predictions.jsonl")

@@ -10,18 +10,16 @@ TEXT_VOCAB = 300
 
 
 def _save(path: str) -> None:
-    import queue
-
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from libra_megatron.utils.megatron_compat import use_in_process_write_queue
 
     from tests.model.helpers import build_model, hf_weights, load_hf, tiny_config, tiny_sizes
 
     config = tiny_config(TEXT_VOCAB)
     model = build_model(config)
     load_hf(model, hf_weights(tiny_sizes(TEXT_VOCAB)), config)
-    if filesystem_async._results_queue is None:  # synchronous save: no Manager process inside a daemonic worker
-        filesystem_async._results_queue = queue.Queue()
+    use_in_process_write_queue()  # synchronous save: no Manager process inside a daemonic worker
     dist_checkpointing.save(model.sharded_state_dict(), path)
 
 
