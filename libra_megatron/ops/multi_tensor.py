@@ -15,7 +15,7 @@ The versions here keep everything on the device:
   clamps it there, so clipping needs no host read of the norm at all).
 
 :func:`install_into_megatron` plugs them into megatron's ``clip_grads`` when it uses its local fallbacks; the
-single host read left per step is the trainer logging the grad norm (``docs/design.md``, "Optimizer step").
+single host read left per step is the trainer logging the grad norm (``docs/design.md#optimizer-step``).
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Megatron DDP keeps one fp32 ``main_grad`` per trainable weight. Unfused, every backward GEMM writes a fresh
 (bf16) weight gradient that autograd hands to DDP's hook, which then runs ``main_grad.add_(grad)``: one extra
 launch, one extra read/write of the gradient and a temporary per weight and micro-batch. Fused, the GEMM itself
-accumulates: ``main_grad += grad_output^T @ input`` (beta = 1, fp32 accumulation), see ``docs/design.md``
-("Gradient-accumulation fusion").
+accumulates: ``main_grad += grad_output^T @ input`` (beta = 1, fp32 accumulation), see
+``docs/design.md#gradient-accumulation-fusion``.
 
 - :func:`wgrad_gemm_accum` — the op: cuBLAS with beta = 1 on CUDA (``csrc/wgrad_accum_cuda.cu``), ``addmm_`` on
   CPU (C++ or :func:`wgrad_gemm_accum_reference`, the PyTorch definition both are tested against).

@@ -3,7 +3,7 @@
 Without apex or transformer-engine, megatron-core 0.19.2 builds a plain ``torch.optim.AdamW`` (neither ``fused``
 nor ``foreach`` set: torch then picks the foreach path, several launches per parameter group and op) and clips
 with per-tensor norms read back to the host one by one. :func:`fused_optimizer_kernels` is the one hook that
-changes both, around ``get_megatron_optimizer`` (see ``docs/design.md``, "Optimizer step"):
+changes both, around ``get_megatron_optimizer`` (see ``docs/design.md#optimizer-step``):
 
 - megatron picks its ``Adam`` class from whichever fused provider it found (TE, else apex). When it found none,
   :class:`FusedAdamW` is offered as that provider while the optimizer is built: ``torch.optim.AdamW`` with

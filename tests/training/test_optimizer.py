@@ -26,11 +26,12 @@ from tests.distributed import run_on_ranks
 from tests.training.helpers import losses, make_args
 
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (16, 8)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def _params(seed: int) -> List[torch.nn.Parameter]:
+def _params(seed: int, device: str = "cpu") -> List[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in SHAPES]
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g).to(device)) for shape in SHAPES]
 
 
 def _groups(params):
@@ -41,19 +42,20 @@ def _run(optimizer, params, steps: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(p.device)
         optimizer.step()
 
 
-def test_fused_adamw_matches_foreach_adamw_over_five_steps():
-    fused_params, foreach_params = _params(0), _params(0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_matches_foreach_adamw_over_five_steps(device):
+    fused_params, foreach_params = _params(0, device), _params(0, device)
     kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     fused = FusedAdamW(_groups(fused_params), **kwargs)
     reference = torch.optim.AdamW(_groups(foreach_params), foreach=True, **kwargs)
     _run(fused, fused_params, 5, seed=1)
     _run(reference, foreach_params, 5, seed=1)
     assert fused.param_groups[0]["fused"] is True
-    for a, b, start in zip(fused_params, foreach_params, _params(0)):
+    for a, b, start in zip(fused_params, foreach_params, _params(0, device)):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
         assert not torch.equal(a, start), "the parameters must have moved"
         for key in ("exp_avg", "exp_avg_sq"):
@@ -62,9 +64,10 @@ def test_fused_adamw_matches_foreach_adamw_over_five_steps():
     assert fused.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
 
 
-def test_fused_adamw_continues_unfused_state_like_the_unfused_optimizer():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_continues_unfused_state_like_the_unfused_optimizer(device):
     kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
-    old_params = _params(2)
+    old_params = _params(2, device)
     old = torch.optim.AdamW(_groups(old_params), **kwargs)  # megatron's construction: no fused/foreach flag
     _run(old, old_params, 3, seed=3)
     saved = copy.deepcopy(old.state_dict())  # as read from a file: no tensor shared with `old`
@@ -74,6 +77,7 @@ def test_fused_adamw_continues_unfused_state_like_the_unfused_optimizer():
     assert all(g["fused"] is True for g in new.param_groups)
     steps = [new.state[p]["step"] for p in new_params]
     assert len({id(s) for s in steps}) == len(steps), "each parameter needs its own step tensor"
+    assert all(s.device == p.device for s, p in zip(steps, new_params))
     _run(old, old_params, 2, seed=4)
     _run(new, new_params, 2, seed=4)
     for a, b in zip(new_params, old_params):
@@ -99,27 +103,28 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _grads(seed: int) -> List[torch.Tensor]:
+def _grads(seed: int, device: str = "cpu") -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) * 3 for shape in SHAPES] + [torch.zeros(0)]
+    return [(torch.randn(*shape, generator=g) * 3).to(device) for shape in SHAPES] + [torch.zeros(0, device=device)]
 
 
-def test_multi_tensor_norm_and_scale_equal_megatron_fallbacks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_tensor_norm_and_scale_equal_megatron_fallbacks(device):
     from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
-    grads = _grads(5)
-    flag = torch.zeros(1, dtype=torch.int)
+    grads = _grads(5, device)
+    flag = torch.zeros(1, dtype=torch.int, device=device)
     ours, per_tensor = multi_tensor.multi_tensor_l2norm(0, flag, [grads], True)
     with _cpu_device_literal():
         theirs, _ = local_multi_tensor_l2_norm(0, flag, [grads], False)
-    torch.testing.assert_close(ours, theirs.reshape(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, theirs.reshape(1).to(device), rtol=1e-6, atol=0)
     torch.testing.assert_close(per_tensor, torch.stack([g.norm() for g in grads]), rtol=1e-6, atol=0)
     expected = [g * 0.25 for g in grads]
     copies = [g.clone() for g in grads]
     local_multi_tensor_scale(0, flag, [grads, copies], 0.25)
     scaled = [g.clone() for g in grads]
     multi_tensor.multi_tensor_scale(0, flag, [scaled, scaled], 0.25)
-    multi_tensor.multi_tensor_scale_tensor(0, flag, [grads, grads], torch.tensor([0.25]))
+    multi_tensor.multi_tensor_scale_tensor(0, flag, [grads, grads], torch.tensor([0.25], device=device))
     for e, c, s, t in zip(expected, copies, scaled, grads):
         assert torch.equal(e, c) and torch.equal(e, s) and torch.equal(e, t)
 
