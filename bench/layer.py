@@ -3,6 +3,7 @@ weights, forward + backward, in the same run.
 
     python bench/layer.py --small                 # CPU, small widths (a smoke run)
     python bench/layer.py --device cuda           # 7B shapes, bf16: b=8, s=700 = <s> + 578 image + 121 text
+    python bench/layer.py --device cuda --cases dense_frozen,libra,libra_graphed   # + the layer as CUDA graphs
 
 Model FLOPs (honest accounting): frozen text weights 4N per token (input grads
 only), the low-rank expert on image tokens 6N (input and weight grads), the bridge maps 6N on every token,
@@ -18,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,24 +52,31 @@ class DenseLlamaLayer(torch.nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
-def _timeit(step: Callable[[], None], warmup: int, iters: int, device: str) -> float:
+def _timeit(step: Callable[[], None], warmup: int, iters: int, device: str) -> Tuple[float, float]:
+    """Median (device time, host time) of one step; the host time is what issuing the step costs the CPU
+    (on CUDA, measured from an idle queue: below the device time means the GPU, not the host, bounds the step)."""
     for _ in range(warmup):
         step()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         if device == "cuda":
+            torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             step()
             end.record()
+            host.append(time.perf_counter() - t0)
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+            host.append(times[-1])
     times.sort()
-    return times[len(times) // 2]
+    host.sort()
+    return times[len(times) // 2], host[len(host) // 2]
 
 
 def _init_megatron(device: str) -> None:
@@ -129,7 +137,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak", type=float, default=989e12, help="dense bf16 peak for MFU (H100/H200 SXM: 989e12)")
     ap.add_argument("--profile", default="", help="write the top kernels of the Libra layer to this file ('-': stderr)")
-    ap.add_argument("--cases", default="dense_frozen,libra,libra_index")
+    ap.add_argument("--cases", default="dense_frozen,libra,libra_index",
+                    help="comma list of dense_frozen, libra, libra_index, libra_graphed (CUDA graphs; cuda only)")
     args = ap.parse_args()
     args.hidden, args.ffn, args.heads = (256, 704, 4) if args.small else (4096, 11008, 32)
     if args.small:
@@ -150,7 +159,7 @@ def main() -> None:
         "dense_frozen": 4 * (n_text + n_vision) * p_dense + attention,
         "libra": 4 * n_text * p_dense + 6 * n_vision * p_expert + 6 * (n_text + n_vision) * p_bridge + attention,
     }
-    flops["libra_index"] = flops["libra"]
+    flops["libra_index"] = flops["libra_graphed"] = flops["libra"]
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     common = dict(device=device_name, dtype=str(dtype).replace("torch.", ""), b=b, s=s, h=h, ffn=f, image_tokens=578)
 
@@ -172,24 +181,40 @@ def main() -> None:
         else:
             layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index")
             vi, position_ids, ModalityRouting, RotaryTables = _batch(args, device, config)
-            t0 = time.perf_counter()
-            routing = ModalityRouting.build(vi, config.vocab, device=torch.device(device),
-                                            force_index_plan=case == "libra_index")
-            routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base, dtype)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            build_ms = (time.perf_counter() - t0) * 1e3
-            x = torch.randn(s, b, h, device=device, dtype=dtype, requires_grad=True)
-            grad = torch.randn_like(x)
+            build_times = []
+            for _ in range(6):  # the first build pays one-off costs (CUDA lazy module loading): report it apart
+                t0 = time.perf_counter()
+                routing = ModalityRouting.build(vi, config.vocab, device=torch.device(device),
+                                                force_index_plan=case == "libra_index")
+                routing.rotary = RotaryTables.build(position_ids, config.kv_channels, config.rotary_base,
+                                                    dtype)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                build_times.append((time.perf_counter() - t0) * 1e3)
+            first_build_ms, build_ms = build_times[0], sorted(build_times[1:])[2]
+            # the modality-sorted residual stream a layer reads and writes: (text rows, vision rows)
+            stream = [torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+                      for n in (routing.full.num_text, routing.full.num_vision)]
+            grads = [torch.randn_like(t) for t in stream]
+
+            run = layer
+            if case == "libra_graphed":  # the layer captured as CUDA graphs (model/cuda_graphs.py), CUDA only
+                from libra_megatron.model.cuda_graphs import LayerGraphs
+
+                run = LayerGraphs(torch.nn.ModuleList([layer]))
 
             def step():
-                layer(x, routing).backward(grad)
+                torch.autograd.backward(list(run(stream, routing)), grads)
         try:
-            seconds = _timeit(step, args.warmup, args.iters, device)
+            if case == "libra_graphed" and device != "cuda":
+                raise RuntimeError("libra_graphed needs --device cuda")
+            seconds, host_seconds = _timeit(step, args.warmup, args.iters, device)
             results[case] = dict(case=case, ms=round(seconds * 1e3, 3), tflops=round(flops[case] / seconds / 1e12, 1),
-                                 mfu=round(flops[case] / seconds / args.peak, 3), **common)
+                                 mfu=round(flops[case] / seconds / args.peak, 3), host_ms=round(host_seconds * 1e3, 3),
+                                 **common)
             if case != "dense_frozen":
                 results[case]["routing_build_ms_per_microbatch"] = round(build_ms, 3)
+                results[case]["routing_first_build_ms"] = round(first_build_ms, 3)
             if device == "cuda":
                 results[case]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
                 torch.cuda.reset_peak_memory_stats()

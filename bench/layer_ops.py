@@ -27,7 +27,7 @@ import collections
 import json
 import os
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -99,9 +99,9 @@ def _step_counts(events) -> dict:
     return dict(kernels=sum(kernels.values()), host_aten_calls=host_calls, by_op=dict(kernels.most_common()))
 
 
-def _graph_nodes(root) -> Dict[str, int]:
-    """Autograd nodes reachable from ``root`` (a grad_fn), by kind."""
-    seen, stack, python = set(), [root], 0
+def _graph_nodes(roots) -> Dict[str, int]:
+    """Autograd nodes reachable from ``roots`` (grad_fns), by kind."""
+    seen, stack, python = set(), list(roots), 0
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -114,18 +114,19 @@ def _graph_nodes(root) -> Dict[str, int]:
     return dict(autograd_nodes=len(seen) - accumulate, python_functions=python, accumulate_grad=accumulate)
 
 
-def count(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> dict:
-    """Counts of one forward + backward step (after one warm-up step)."""
+def count(forward: Callable[[], Sequence[torch.Tensor]], grads: Sequence[torch.Tensor]) -> dict:
+    """Counts of one forward + backward step (after one warm-up step); ``forward`` returns the outputs that
+    ``grads`` flow into (one tensor for a dense layer, the (text, vision) stream for a Libra layer)."""
     from torch.profiler import ProfilerActivity, profile
 
-    forward().backward(grad)
+    torch.autograd.backward(forward(), grads)
     out = forward()
-    nodes = _graph_nodes(out.grad_fn)
-    out.backward(grad)
+    nodes = _graph_nodes([o.grad_fn for o in out])
+    torch.autograd.backward(out, grads)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function("step::forward"):
             out = forward()
-        out.backward(grad)
+        torch.autograd.backward(out, grads)
     events = prof.events()
     forward_ids = {e.id for e in events if e.name == "step::forward"}
 
@@ -155,12 +156,16 @@ class _FusedRegion(torch.autograd.Function):
             return fn(*inputs)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, *grad):  # type: ignore[override]
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         with torch.profiler.record_function(f"{_FUSED}{ctx.name}_backward"), torch.enable_grad():
             out = ctx.fn(*inputs)
+            out = list(out) if isinstance(out, (tuple, list)) else [out]
+            pairs = [(o, g) for o, g in zip(out, grad) if o.requires_grad and g is not None]
             wanted = [t for t in inputs if t.requires_grad]
-            grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else []
+            grads = (list(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                              allow_unused=True)) if wanted and pairs else [None] * len(wanted))
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted)]
             # a CUDA kernel writes each input gradient in that input's layout (e.g. flash attention's dq)
             grads = iter([g if g is None or g.stride() == t.stride() else torch.empty_like(t).copy_(g)
                           for g, t in zip(grads, wanted)])
@@ -169,11 +174,27 @@ class _FusedRegion(torch.autograd.Function):
 
 def _as_gpu_kernels() -> None:
     """Make the CPU op graph look like the GPU one where the CPU decomposes a fused GPU kernel: RMSNorm
-    (``_fused_rms_norm`` on CUDA, one node) and RoPE (the Triton kernel, one node) become one region each."""
+    (``_fused_rms_norm`` on CUDA, one node), RoPE, SwiGLU and the attention inputs (Triton kernels, one node
+    each) become one region each."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import CausalBias
 
-    from libra_megatron.model import bridge_attention, fusions  # noqa: F401  (import before patching)
+    from libra_megatron.model import attention_inputs, bridge_attention, fusions, mlp  # noqa: F401
+
+    def fused_attention_inputs(qkv_t, qkv_v, bridge_t, bridge_v, *rest):
+        def fn(a, b, c, d):
+            return attention_inputs.attention_inputs_reference(a, b, c, d, *rest)
+
+        return _FusedRegion.apply("attention_inputs", fn, qkv_t, qkv_v, bridge_t, bridge_v)
+
+    def fused_swiglu(gate, up):
+        return _FusedRegion.apply("swiglu", fusions.swiglu_reference, gate, up)
+
+    def fused_swiglu_packed(gate_up):
+        return _FusedRegion.apply("swiglu", lambda x: fusions.swiglu_reference(*fusions._halves(x)), gate_up)
+
+    bridge_attention.attention_inputs = fused_attention_inputs
+    mlp.swiglu, mlp.swiglu_fused = fused_swiglu, fused_swiglu_packed
 
     rms_norm = F.rms_norm
 
@@ -220,8 +241,10 @@ def main() -> None:
             d = h // args.heads
             cos, sin = torch.randn(b * s, 1, d), torch.randn(b * s, 1, d)
 
+            grads = [torch.randn(b, s, h)]
+
             def forward():
-                return layer(x, cos, sin)
+                return [layer(x, cos, sin)]
         else:
             from libra_megatron.model.rotary import RotaryTables
             from libra_megatron.model.routing import ModalityRouting
@@ -229,13 +252,15 @@ def main() -> None:
             layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index")
             vi, position_ids, _, _ = _batch(args, device, config)
             routing = ModalityRouting.build(vi, config.vocab, force_index_plan=case == "libra_index")
-            routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base,
+            routing.rotary = RotaryTables.build(position_ids, config.kv_channels, config.rotary_base,
                                                 dtype)
-            x = torch.randn(s, b, h, requires_grad=True)
+            # the modality-sorted residual stream a layer reads and writes: (text rows, vision rows)
+            stream = [torch.randn(n, h, requires_grad=True) for n in (routing.full.num_text, routing.full.num_vision)]
+            grads = [torch.randn_like(t) for t in stream]
 
             def forward():
-                return layer(x, routing)
-        result = count(forward, torch.randn(b, s, h) if case == "dense_frozen" else torch.randn(s, b, h))
+                return list(layer(stream, routing))
+        result = count(forward, grads)
         by_op = result.pop("by_op")
         if args.by_op:
             result["by_op"] = by_op

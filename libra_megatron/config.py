@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class LibraConfig(TransformerConfig):
     """Check ids, image spans and CLIP feature shapes once per micro-batch (one host sync); see docs/design.md."""
     force_general_routing: bool = False
     """Testing/benchmark knob: route with index tensors even when every sample has the same layout."""
+    layer_cuda_graphs: bool = False
+    """Replay each stage's layers as CUDA graphs (forward and backward) for micro-batches of a fixed layout
+    (model/cuda_graphs.py); CUDA only, TP=1, no recompute; ignored on CPU."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,11 +147,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def libra_config(preset: str = "libra-7b", **overrides: Any) -> LibraConfig:
-    """Build a LibraConfig from a named preset; any TransformerConfig/LibraConfig field may be overridden."""
-    if preset not in PRESETS:
+def libra_config(preset: Optional[str] = "libra-7b", **overrides: Any) -> LibraConfig:
+    """Build a LibraConfig from a named preset; any TransformerConfig/LibraConfig field may be overridden. With
+    ``preset=None`` the overrides state the whole architecture (every field of a preset)."""
+    if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown Libra preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = {**_llama_fields(), **PRESETS[preset], **overrides}
+    if preset is None:
+        missing = sorted(set(PRESETS["libra-7b"]) - set(overrides))
+        if missing:
+            raise ValueError(f"libra_config(None, ...) needs every architecture field; missing {missing}")
+    fields = {**_llama_fields(), **(PRESETS[preset] if preset else {}), **overrides}
     if fields.get("pipeline_model_parallel_size", 1) > 1 and "pipeline_dtype" not in fields:
         fields["pipeline_dtype"] = fields.get("params_dtype", torch.float32)
     return LibraConfig(**fields)

@@ -3,17 +3,20 @@
 
     # start Libra pretraining from LLaMA-2 (vision parameters initialised as docs/architecture.md#initialisation, pad row := eos row)
     python tools/convert_checkpoint.py hf-llama-to-engine --source Llama-2-7b-chat-hf --output ckpt/libra-init \\
-        --model libra-7b --target-tp 4 --target-pp 2 --bf16
+        --target-tp 4 --target-pp 2 --bf16          # vision fields: --model (default libra-7b) or the flags
     # export a trained checkpoint (any TP/PP it was saved at) to the HF Libra format
     python tools/convert_checkpoint.py engine-to-hf --source runs/pretrain --output libra-base-hf \\
         --tokenizer-dir Llama-2-7b-chat-hf --vision-tokenizer-dir vision-tokenizer
     # import a released Libra checkpoint (libra-11b-base / -chat) to continue training or fine-tune
     python tools/convert_checkpoint.py hf-to-engine --source libra-11b-base --output ckpt/libra-base \\
-        --model libra-7b --target-tp 2 --target-pp 4 --bf16
+        --target-tp 2 --target-pp 4 --bf16          # any size: the architecture comes from config.json
 
-Engine checkpoints are written exactly as the trainer writes them (``<output>/iter_0000000`` + marker); start from
-one with ``--pretrained-checkpoint <output>`` (or ``--load <output>``, iteration 0, fresh optimizer) and the same ``--model`` /
-``--num-layers`` / ``--bf16``. The target layout is built for real (one process per TP x PP rank, each holding only
+The architecture (hidden, layers, heads, ffn, vocab, vision_down_ratio, bridge rank, signal size, codebooks, ...)
+is read from the source's ``config.json``; ``--model`` and the architecture flags are optional checks, and a
+mismatch is refused naming every differing field. Engine checkpoints are written exactly as the trainer writes them
+(``<output>/iter_0000000`` + marker, with the architecture in ``run_config.json``); start from one with
+``--pretrained-checkpoint <output>`` (or ``--load <output>``, iteration 0, fresh optimizer) and ``--bf16`` as
+converted: the trainer reads the architecture back, so ``--model`` is not needed. The target layout is built for real (one process per TP x PP rank, each holding only
 its shard); dist checkpoints reshard, so the trainer may also load them at another layout. Every key and shape is
 checked before anything is written; outputs appear atomically.
 """
@@ -30,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from libra_megatron.training.architecture import add_architecture_args  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -41,8 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--source", required=True, help="HF folder (safetensors shards, or .bin loaded weights-only)")
         p.add_argument("--output", required=True, help="engine checkpoint root (trainer --pretrained-checkpoint)")
-        p.add_argument("--model", default="libra-7b", help="the trainer's --model preset")
-        p.add_argument("--num-layers", type=int, default=None, help="the trainer's --num-layers override")
+        p.add_argument("--model", default=None,
+                       help="a Libra preset to check the source against (hf-to-engine: the architecture comes from "
+                            "config.json; hf-llama-to-engine: the vision fields come from it, default libra-7b)")
+        p.add_argument("--num-layers", type=int, default=None, help="architecture flag (as the trainer's)")
+        add_architecture_args(p.add_argument_group("architecture (as the trainer's flags; must agree with the "
+                                                   "source's config.json)"))
         p.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size to write at")
         p.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size to write at")
         p.add_argument("--target-vpp", type=int, default=None, help="virtual pipeline chunks per stage")
@@ -99,8 +108,8 @@ def _convert_rank(rank: int, world: int, store: str, options: dict, recipe) -> N
 
     _init_megatron(rank, world, store, options["tp"], options["pp"], options["vpp"])
     try:
-        args = converter_args(options["model"], options["num_layers"], options["tp"], options["pp"], options["vpp"],
-                              options["bf16"])
+        args = converter_args(None, None, options["tp"], options["pp"], options["vpp"], options["bf16"],
+                              architecture=options["architecture"])
         convert_on_this_rank(options["output"], args, recipe.open, show_progress=rank == 0)
     finally:
         _shutdown_megatron()
@@ -109,26 +118,45 @@ def _convert_rank(rank: int, world: int, store: str, options: dict, recipe) -> N
 def validate_hf_to_engine(args: argparse.Namespace):
     """Open and check the source against the engine model before any process starts writing; returns the recipe."""
     from libra_megatron.checkpoint.engine_checkpoint import (
-        check_hf_matches_engine, converter_args, engine_config, hf_config_from_engine)
+        architecture_from_hf, architecture_from_llama, check_hf_matches_engine, converter_args, engine_config,
+        hf_config_from_engine)
     from libra_megatron.checkpoint.hf_libra import config_fields
     from libra_megatron.checkpoint.hf_sources import SourceRecipe
     from libra_megatron.checkpoint.safe_io import CheckpointError
 
-    options = converter_args(args.model, args.num_layers, args.target_tp, args.target_pp, args.target_vpp, args.bf16)
-    from libra_megatron.training.families import get_family
+    from libra_megatron.checkpoint.hf_llama import read_llama_config
+    from libra_megatron.config import PRESETS
+    from libra_megatron.training.architecture import ArchitectureError, check_against, requested_architecture
 
-    shape = get_family("libra").shape(options)
-    layers = args.num_layers or shape["num_layers"]
-    chunks = args.target_pp * (args.target_vpp or 1)
-    if shape["num_attention_heads"] % args.target_tp:
-        raise CheckpointError(f"--target-tp {args.target_tp} does not divide {shape['num_attention_heads']} heads")
-    if layers % chunks:
-        raise CheckpointError(f"{layers} layers do not split into --target-pp x --target-vpp = {chunks} chunks")
-    engine_hf = hf_config_from_engine(engine_config(converter_args(args.model, args.num_layers)))
+    try:
+        asked = requested_architecture(args)
+    except ArchitectureError as error:
+        raise CheckpointError(str(error)) from error
+    config_json = os.path.join(args.source, "config.json")
     if args.direction == "hf-to-engine":
         recipe = SourceRecipe("hf", os.path.abspath(args.source), {}, copy_eos_to_pad=args.copy_eos_to_pad)
         source = recipe.open()  # validates every key and shape of the released layout
-        check_hf_matches_engine(source.config, engine_hf, os.path.join(args.source, "config.json"), args.model)
+        architecture = architecture_from_hf(source.config)
+    else:
+        base = PRESETS[args.model or "libra-7b"]
+        libra_fields = {field: asked[field][0] if field in asked else base[field] for field in base}
+        architecture = architecture_from_llama(read_llama_config(args.source), libra_fields)
+    try:
+        check_against(asked, architecture, config_json)
+    except ArchitectureError as error:
+        raise CheckpointError(str(error)) from error
+    layers, heads = architecture["num_layers"], architecture["num_attention_heads"]
+    chunks = args.target_pp * (args.target_vpp or 1)
+    if heads % args.target_tp:
+        raise CheckpointError(f"--target-tp {args.target_tp} does not divide {heads} heads ({config_json})")
+    if layers % chunks:
+        raise CheckpointError(f"{layers} layers do not split into --target-pp x --target-vpp = {chunks} chunks")
+    try:
+        engine_hf = hf_config_from_engine(engine_config(converter_args(None, architecture=architecture)))
+    except ValueError as error:  # the engine refuses the shape (e.g. a width not divisible by the expert ratio)
+        raise CheckpointError(f"{config_json}: the engine cannot build this model: {error}") from error
+    if args.direction == "hf-to-engine":
+        check_hf_matches_engine(source.config, engine_hf, config_json, "the engine model of its architecture")
     else:
         recipe = SourceRecipe("hf-llama", os.path.abspath(args.source), config_fields(engine_hf), seed=args.seed,
                               copy_eos_to_pad=not args.no_copy_eos_to_pad)
@@ -137,16 +165,16 @@ def validate_hf_to_engine(args: argparse.Namespace):
         if not args.overwrite:
             raise CheckpointError(f"{args.output} exists and is not empty (pass --overwrite)")
         shutil.rmtree(args.output)
-    return recipe
+    return recipe, architecture
 
 
 def hf_to_engine(args: argparse.Namespace) -> str:
     """Run the conversion on ``target_tp x target_pp`` local processes; returns the written ``iter_*`` folder."""
     import torch.multiprocessing as mp
 
-    recipe = validate_hf_to_engine(args)
+    recipe, architecture = validate_hf_to_engine(args)
     world = args.target_tp * args.target_pp
-    options = dict(model=args.model, num_layers=args.num_layers, tp=args.target_tp, pp=args.target_pp,
+    options = dict(architecture=architecture, tp=args.target_tp, pp=args.target_pp,
                    vpp=args.target_vpp, bf16=args.bf16, output=os.path.abspath(args.output))
     store_dir = tempfile.mkdtemp(prefix="libra_convert_")
     try:

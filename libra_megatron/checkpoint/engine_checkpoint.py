@@ -37,29 +37,45 @@ class HFSource(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-def converter_args(model: str, num_layers: Optional[int] = None, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                   bf16: bool = False, stage: str = "instruct", device: str = "cpu") -> argparse.Namespace:
-    """The trainer's flags for building (and recording) the Libra model at a layout, as ``pretrain_libra.py`` would."""
+def converter_args(model: Optional[str], num_layers: Optional[int] = None, tp: int = 1, pp: int = 1,
+                   vpp: Optional[int] = None, bf16: bool = False, stage: str = "instruct", device: str = "cpu",
+                   architecture: Optional[Dict] = None) -> argparse.Namespace:
+    """The trainer's flags for building (and recording) the Libra model at a layout, as ``pretrain_libra.py`` would:
+    a ``--model`` preset (with ``--num-layers``) or a full ``architecture`` (``training/architecture.py`` fields),
+    stated in full as architecture flags so the checkpoint records it."""
+    from libra_megatron.training.architecture import FIELD_FLAGS, architecture_flags, resolve_architecture
     from libra_megatron.training.arguments import parse_args
 
-    argv = ["--model-family", "libra", "--model", model, "--tensor-model-parallel-size", str(tp),
+    argv = ["--model-family", "libra", "--tensor-model-parallel-size", str(tp),
             "--pipeline-model-parallel-size", str(pp), "--train-iters", "0", "--mock-data", "--stage", stage,
             "--device", device, "--no-save-optim"]
+    if model is not None:
+        argv += ["--model", model]
+    if architecture is not None:
+        argv += architecture_flags(architecture)
     if num_layers is not None:
         argv += ["--num-layers", str(num_layers)]
     if vpp is not None:
         argv += ["--virtual-pipeline-model-parallel-size", str(vpp)]
     if bf16:
         argv.append("--bf16")
-    return parse_args(argv)
+    args = parse_args(argv)
+    for field, value in resolve_architecture(args).items():
+        setattr(args, FIELD_FLAGS[field], value)
+    return args
 
 
 def args_from_checkpoint(common: Dict, path: str) -> argparse.Namespace:
     """Converter args (TP=1, PP=1, same model and precision) from a checkpoint's recorded trainer flags."""
+    from libra_megatron.training.architecture import FIELD_FLAGS
+
     saved = common.get("args") or {}
-    if saved.get("model_family", "libra") != "libra" or "model" not in saved:
+    recorded = {field: saved.get(dest) for field, dest in FIELD_FLAGS.items()}
+    if saved.get("model_family", "libra") != "libra" or (saved.get("model") is None and None in recorded.values()):
         raise CheckpointError(f"{path}: not a Libra engine checkpoint (recorded flags: model_family="
                               f"{saved.get('model_family')!r}, model={saved.get('model')!r})")
+    if None not in recorded.values():
+        return converter_args(None, architecture=recorded, bf16=bool(saved.get("bf16", False)))
     return converter_args(saved["model"], saved.get("num_layers"), bf16=bool(saved.get("bf16", False)))
 
 
@@ -95,12 +111,45 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 
 def check_hf_matches_engine(hf: HFLibraConfig, engine: HFLibraConfig, source: str, model: str) -> None:
-    """The HF config must describe the engine model being built; the message names the field and both values."""
+    """The HF config must describe the engine model being built; the message names every differing field and
+    both values."""
+    differing = []
     for field in SHAPE_FIELDS:
         a, b = getattr(hf, field), getattr(engine, field)
         if (abs(a - b) > 1e-12 * max(abs(a), abs(b))) if isinstance(a, float) else a != b:
-            raise CheckpointError(f"{source}: {field}={a} but --model {model} builds {field}={b} "
-                                  "(pick the matching preset / --num-layers)")
+            differing.append(f"{field}={a} but {model} builds {field}={b}")
+    if differing:
+        raise CheckpointError(f"{source}: " + "; ".join(differing))
+
+
+def architecture_from_hf(hf: HFLibraConfig) -> Dict[str, object]:
+    """The engine architecture (``training/architecture.py`` fields) an HF Libra ``config.json`` describes."""
+    return dict(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
+        ffn_hidden_size=hf.intermediate_size, layernorm_epsilon=float(hf.rms_norm_eps), text_vocab_size=hf.vocab_size,
+        codebook_size=hf.vision_vocab_size - 2, num_codebooks=hf.vision_codebook_num,
+        image_resolution=hf.image_feature_resolution, clip_feature_size=hf.contiguous_signal_size,
+        vision_down_ratio=hf.vision_down_ratio, bridge_rank=hf.bridge_rank,
+        max_position_embeddings=hf.max_position_embeddings, rotary_base=float(hf.rope_theta),
+    )
+
+
+# LLaMA config.json field -> the architecture field it states
+LLAMA_ARCHITECTURE_FIELDS = {
+    "num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "intermediate_size": "ffn_hidden_size", "vocab_size": "text_vocab_size",
+    "max_position_embeddings": "max_position_embeddings", "rope_theta": "rotary_base",
+}
+
+
+def architecture_from_llama(llama: Dict[str, object], libra_fields: Dict[str, object]) -> Dict[str, object]:
+    """A Libra architecture on a LLaMA-2 ``config.json``: its text dimensions, the vision fields and the RMSNorm
+    epsilon from ``libra_fields`` (a preset's or the flags'; released Libra uses 1e-6 whatever LLaMA's file says)."""
+    values = dict(libra_fields)
+    for llama_field, field in LLAMA_ARCHITECTURE_FIELDS.items():
+        if llama.get(llama_field) is not None:
+            values[field] = float(llama[llama_field]) if field == "rotary_base" else int(llama[llama_field])
+    return values
 
 
 # ------------------------------------------------------------------------------------------------- writing

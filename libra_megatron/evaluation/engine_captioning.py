@@ -130,8 +130,9 @@ class EngineCaptioner:
         from libra_megatron.training.vision import load_image_tokenizer
 
         pixels = torch.stack([to_model_pixels(load_image(item.image)) for item in self.items])
-        tokenizer = load_image_tokenizer(self.args.image_tokenizer)
-        spans, _ = tokenizer.encode_tokens(normalize_pixels(pixels), self.vocab)  # [C, N, 578]
+        tokenizer = load_image_tokenizer(self.args.image_tokenizer).to(self.device)  # fp32, as preprocessing
+        spans, _ = tokenizer.encode_tokens(normalize_pixels(pixels).to(self.device), self.vocab)  # [C, N, 578]
+        spans = spans.cpu()
         del tokenizer
         features = vision_encoder(pixels.to(self.device))
         return spans, features

@@ -76,6 +76,8 @@ def _dist() -> Tuple[int, int]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -238,8 +240,11 @@ def run_evaluation(options: EvalOptions) -> Optional[Dict[str, Any]]:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            totals = totals.cuda()
         dist.all_reduce(totals[:1])
         dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+    totals = totals.cpu()
     _barrier()
     if rank != 0:
         return None

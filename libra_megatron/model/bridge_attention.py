@@ -11,11 +11,14 @@ Fused attention, exact, each query computed once:
 
 * **segment path** (every sample has the same layout): the sequence is a few runs of one modality. Queries of
   the run ``[t0, t1)`` attend keys ``[0, t1)`` of their modality's set with a causal mask aligned to the lower
-  right — one ``scaled_dot_product_attention`` call per run (3 for ``<s>`` + image + caption), attention FLOPs
-  as for a dense layer;
-* **index path** (layouts differ, packed samples): two SDPA calls over all queries, one per key/value set, with
-  the block-diagonal causal mask; text rows are read from the first, vision rows from the second (the softmax is
-  per row, so this is the same math, at 2x attention FLOPs).
+  right — one core-attention call per run (3 for ``<s>`` + image + caption), attention FLOPs as for a dense
+  layer;
+* **index path** (layouts differ, packed samples): two core-attention calls over all queries, one per key/value
+  set, with the block-diagonal causal mask; text rows are read from the first, vision rows from the second (the
+  softmax is per row, so this is the same math, at 2x attention FLOPs).
+
+The core (softmax(QK^T)V) is the spec submodule ``LibraAttentionSubmodules.core_attention`` (core_attention.py:
+SDPA by default), so another attention backend is a spec change.
 
 Projections (see routed_linear.py for the TP plan): text q/k/v is megatron's fused ``linear_qkv`` (per-head
 interleaved ``[q_i; k_i; v_i]``), frozen in pretraining; the vision q/k/v experts share one fused A
@@ -24,22 +27,23 @@ per-projection B's; the two bridge B's of a modality run as one batched GEMM.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.fusions import apply_rope
+from libra_megatron.model.core_attention import SDPACoreAttention
+from libra_megatron.model.attention_inputs import attention_inputs
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
     batched_b,
-    bridge_deltas,
     column_parallel,
+    expert_b_groups,
     expert_column_a,
     expert_row,
     normal_init,
@@ -51,12 +55,23 @@ from libra_megatron.model.routed_linear import (
 from libra_megatron.model.routing import ModalityRouting
 
 
+@dataclass
+class LibraAttentionSubmodules:
+    """Swappable parts of the bridge attention (as megatron-core's ``SelfAttentionSubmodules``)."""
+
+    core_attention: Union[ModuleSpec, type] = SDPACoreAttention
+    """softmax(QK^T)V with the call contract of core_attention.py."""
+
+
 class LibraBridgeAttention(MegatronModule):
     """Text/vision routed Q/K/V/O with the cross-modal K/V bridge."""
 
-    def __init__(self, config: LibraConfig, layer_number: int = 1, pg_collection=None, **kwargs) -> None:
+    def __init__(self, config: LibraConfig, submodules: Optional[LibraAttentionSubmodules] = None,
+                 layer_number: int = 1, pg_collection=None, **kwargs) -> None:
         super().__init__(config=config)
         self.layer_number = layer_number
+        submodules = submodules if submodules is not None else LibraAttentionSubmodules()
+        self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         tp = config.tensor_model_parallel_size
         h, r, br = config.hidden_size, config.attention_rank, config.bridge_rank
         self.heads_per_rank = config.num_attention_heads // tp
@@ -87,61 +102,48 @@ class LibraBridgeAttention(MegatronModule):
         """Normed rows (complete, ``[n_text, h]`` / ``[n_vision, h]``) → attention output rows (complete)."""
         heads, d = self.heads_per_rank, self.head_dim
         n_text, n_vision = text.shape[0], vision.shape[0]
-        # text projections and text-key bridge deltas
-        q_t, k_t, v_t = text_column(text, self.linear_qkv.weight).view(n_text, heads, 3, d).unbind(2)
-        bridge_t = expert_column_a(text, self.text_bridge_a.weight)
-        dk_t, dv_t = (t.view(n_text, heads, d) for t in
-                      bridge_deltas(bridge_t, self.text_bridge_k_b.weight, self.text_bridge_v_b.weight))
-        # vision expert projections and vision-key bridge deltas
-        a_qkv, a_bridge = expert_column_a(vision, self.vision_qkv_a.weight).split(
-            [3 * self.rank, 2 * self.bridge_rank], dim=1)
-        q_v, k_v, v_v = (t.view(n_vision, heads, d) for t in
-                         batched_b(a_qkv, (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight)))
-        dk_v, dv_v = (t.view(n_vision, heads, d) for t in
-                      bridge_deltas(a_bridge, self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight))
-        # RoPE on the queries here; on the two key sets once they are assembled (RoPE is linear: R(k+Δk) = Rk + RΔk)
-        rotary = routing.rotary
-        q_t = apply_rope(q_t, rotary.cos_text, rotary.sin_text)
-        q_v = apply_rope(q_v, rotary.cos_vision, rotary.sin_vision)
-
+        # text projections (fused QKV, per-head [q; k; v]) and text-key bridge deltas [2, n_t, heads, d]
+        qkv_t = text_column(text, self.linear_qkv.weight).view(n_text, heads, 3, d)
+        bridge_t = batched_b(expert_column_a(text, self.text_bridge_a.weight),
+                             (self.text_bridge_k_b.weight, self.text_bridge_v_b.weight)).view(2, n_text, heads, d)
+        # vision expert projections [3, n_v, heads, d] and vision-key bridge deltas [2, n_v, heads, d]
+        qkv_v, bridge_v = expert_b_groups(expert_column_a(vision, self.vision_qkv_a.weight), [
+            (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight),
+            (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)])
+        qkv_v, bridge_v = qkv_v.view(3, n_vision, heads, d), bridge_v.view(2, n_vision, heads, d)
         core = self._segment_attention if routing.uniform else self._index_attention
-        args = (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v)
+        args = (qkv_t, qkv_v, bridge_t, bridge_v)
         if self.checkpoint_core:
             o_t, o_v = tensor_parallel.checkpoint(lambda *a: core(routing, *a), False, *args)
         else:
             o_t, o_v = core(routing, *args)
-
         out_t = text_row(o_t, self.linear_proj.weight)
         out_v = expert_row(o_v, self.vision_proj_a.weight, self.vision_proj_b.weight)
         return out_t, out_v
 
-    # -- attention cores: rows by modality (queries, keys, values, bridge deltas) -> output rows by modality --------
-    def _segment_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
-                           v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
+    # -- attention: projections (GEMM layouts) -> output rows by modality ------------------------------------------
+    def _inputs(self, routing: ModalityRouting, qkv_t: Tensor, qkv_v: Tensor, bridge_t: Tensor, bridge_v: Tensor,
+                rows_text: int, rows_vision: int, queries_in_sequence_order: bool = False):
+        """Queries (RoPE) and the two bridged key/value sets (RoPE on keys) in one fused op (attention_inputs.py)."""
+        plan, rotary = routing.full, routing.rotary
+        return attention_inputs(qkv_t, qkv_v, bridge_t, bridge_v, plan.inverse_permutation, plan.permutation,
+                                rotary.cos.flatten(0, 1), rotary.sin.flatten(0, 1), rows_text, rows_vision,
+                                queries_in_sequence_order)
+
+    def _segment_attention(self, routing: ModalityRouting, qkv_t: Tensor, qkv_v: Tensor, bridge_t: Tensor,
+                           bridge_v: Tensor) -> Tuple[Tensor, Tensor]:
         b, heads, d = routing.batch, self.heads_per_rank, self.head_dim
         segments = routing.time_segments
-        own_values = {False: v_t, True: v_v}
         # A run [0, 1) (e.g. <s> before an image) attends one key, its own position: softmax over one score is
-        # exactly 1, so its output is that position's value from its own modality (unbridged) — no attention call.
+        # exactly 1, so its output is that position's value (its own modality's set leaves it unbridged) — no
+        # attention call.
         single = [t0 == 0 and t1 == 1 for t0, t1, _ in segments]
-        # key/value sets in sequence order, only as far as the last attending run of their query modality reaches:
-        # vision queries see text keys bridged, text queries see vision keys bridged
-        needed = {m: max([t1 * b for (_, t1, v), one in zip(segments, single) if v == m and not one], default=0)
-                  for m in (False, True)}
-        used = {id(own_values[v]) for (_, _, v), one in zip(segments, single) if one}
-        # both sets (keys and values) in one merge: text queries' set bridges vision keys, and vice versa
-        groups, order = [], [m for m in (False, True) if needed[m]]
-        for is_vision in order:
-            text_delta, vision_delta = ((dk_t, dv_t), (None, None)) if is_vision else ((None, None), (dk_v, dv_v))
-            groups += [(k_t, k_v, text_delta[0], vision_delta[0], needed[is_vision]),
-                       (v_t, v_v, text_delta[1], vision_delta[1], needed[is_vision])]
-            used.update(id(t) for t in (k_t, k_v, v_t, v_v, *(text_delta if is_vision else vision_delta)))
-        merged = routing.full.merge_bridged_many(groups)
-        rotary, sets = routing.rotary, {}
-        for i, is_vision in enumerate(order):
-            rows = needed[is_vision]
-            keys = apply_rope(merged[2 * i], rotary.cos.flatten(0, 1)[:rows], rotary.sin.flatten(0, 1)[:rows])
-            sets[is_vision] = (keys, merged[2 * i + 1])
+        # each key/value set in sequence order, as far as a query run of its modality reaches: text queries see
+        # vision keys bridged, vision queries see text keys bridged
+        needed = {m: max([t1 * b for (_, t1, v) in segments if v == m], default=0) for m in (False, True)}
+        q_t, q_v, k_text, v_text, k_vision, v_vision = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v,
+                                                                    needed[False], needed[True])
+        sets = {False: (k_text, v_text), True: (k_vision, v_vision)}
         # each modality's query rows, one view per run (a split: its backward is one cat, not a zero-fill per run)
         queries = {}
         for is_vision, q in ((False, q_t), (True, q_v)):
@@ -150,75 +152,36 @@ class LibraBridgeAttention(MegatronModule):
         outputs: dict = {False: [], True: []}
         for (t0, t1, is_vision), one in zip(segments, single):
             q = next(queries[is_vision])
-            if one:
-                outputs[is_vision].append(own_values[is_vision][:b].view(1, b, heads, d))
-                continue
-            used.add(id(q_v if is_vision else q_t))
-            q = q.view(t1 - t0, b, heads, d).permute(1, 2, 0, 3)
             keys, values = sets[is_vision]
-            k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
-            v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d).permute(1, 2, 0, 3)
-            if t0 == 0:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t1 - t0, t1))
-            outputs[is_vision].append(o.permute(2, 0, 1, 3))  # [t, b, heads, d]
-        o_t, o_v = self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
-        # every parameter gets a gradient in every micro-batch (megatron DDP's overlapped grad reduce expects the
-        # same set each step), also when a layout leaves a projection unused, e.g. no image in the micro-batch
-        unused = [t for t in (q_t, q_v, k_t, k_v, v_t, v_v, dk_t, dk_v, dv_t, dv_v) if id(t) not in used]
-        return _KeepInGraph.apply(o_t, *unused) if unused else o_t, o_v
-
-    def _key_value_set(self, routing: ModalityRouting, k_t: Tensor, k_v: Tensor, v_t: Tensor, v_v: Tensor,
-                       rows: int, text_delta=None, vision_delta=None) -> Tuple[Tensor, Tensor]:
-        """First ``rows`` rows of (R(k + bridge Δk on one modality), v + bridge Δv on the same modality)."""
-        plan, rotary = routing.full, routing.rotary
-        dk_t, dv_t = text_delta if text_delta is not None else (None, None)
-        dk_v, dv_v = vision_delta if vision_delta is not None else (None, None)
-        keys = plan.merge_bridged(k_t, k_v, text_delta=dk_t, vision_delta=dk_v, rows=rows)
-        keys = apply_rope(keys, rotary.cos.flatten(0, 1)[:rows], rotary.sin.flatten(0, 1)[:rows])
-        values = plan.merge_bridged(v_t, v_v, text_delta=dv_t, vision_delta=dv_v, rows=rows)
-        return keys, values
+            if one:
+                outputs[is_vision].append(values[:b].view(1, b, heads, d))
+                continue
+            k = _rows_view(keys, 0, t1 * b).view(t1, b, heads, d)
+            v = _rows_view(values, 0, t1 * b).view(t1, b, heads, d)
+            # causal, queries aligned to the end of the keys (plain causal for t0 == 0)
+            outputs[is_vision].append(self.core_attention(q.view(t1 - t0, b, heads, d), k, v))  # [t, b, heads, d]
+        return self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
 
     def _rows(self, pieces: List[Tensor], like: Tensor) -> Tensor:
         width = self.heads_per_rank * self.head_dim
         if not pieces:
-            return like.new_empty((0, width))
+            return like.new_zeros((0, width))
         return torch.cat(pieces).reshape(-1, width) if len(pieces) > 1 else pieces[0].reshape(-1, width)
 
-    def _index_attention(self, routing: ModalityRouting, q_t: Tensor, q_v: Tensor, k_t: Tensor, k_v: Tensor,
-                         v_t: Tensor, v_v: Tensor, dk_t: Tensor, dk_v: Tensor, dv_t: Tensor, dv_v: Tensor):
+    def _index_attention(self, routing: ModalityRouting, qkv_t: Tensor, qkv_v: Tensor, bridge_t: Tensor,
+                         bridge_v: Tensor) -> Tuple[Tensor, Tensor]:
         s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
         plan, rows = routing.full, routing.full.num_rows
-
-        def bhsd(x: Tensor) -> Tensor:
-            return x.view(s, b, heads, d).permute(1, 2, 0, 3)
-
-        q = bhsd(plan.merge(q_t, q_v))
+        q, _, k_text, v_text, k_vision, v_vision = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v, rows,
+                                                                rows, queries_in_sequence_order=True)
+        q = q.view(s, b, heads, d)
         mask: Optional[Tensor] = routing.attention_mask
-        k_text, v_text = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, vision_delta=(dk_v, dv_v))
-        k_vision, v_vision = self._key_value_set(routing, k_t, k_v, v_t, v_v, rows, text_delta=(dk_t, dv_t))
-        o_text = F.scaled_dot_product_attention(q, bhsd(k_text), bhsd(v_text), attn_mask=mask, is_causal=mask is None)
-        o_vision = F.scaled_dot_product_attention(q, bhsd(k_vision), bhsd(v_vision), attn_mask=mask, is_causal=mask is None)
+        o_text = self.core_attention(q, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d), mask)
+        o_vision = self.core_attention(q, k_vision.view(s, b, heads, d), v_vision.view(s, b, heads, d), mask)
         width = heads * d
-        o_t, _ = plan.split(o_text.permute(2, 0, 1, 3).reshape(s * b, width))
-        _, o_v = plan.split(o_vision.permute(2, 0, 1, 3).reshape(s * b, width))
-        return o_t, o_v
+        return plan.take(o_text.reshape(rows, width), False), plan.take(o_vision.reshape(rows, width), True)
 
 
 def _rows_view(x: Tensor, start: int, rows: int) -> Tensor:
     """``x[start:start+rows]`` without an autograd slice when it is all of ``x``."""
     return x if start == 0 and rows == x.shape[0] else x[start:start + rows]
-
-
-class _KeepInGraph(torch.autograd.Function):
-    """Identity on ``out`` that gives zero gradients to tensors the attention did not need this micro-batch."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, *unused: Tensor):  # type: ignore[override]
-        ctx.specs = [(u.shape, u.dtype, u.device) for u in unused]
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])

@@ -26,7 +26,8 @@ from libra_megatron.model.routing import ModalityRouting
 
 
 class LibraEmbedding(MegatronModule):
-    """tokens ``[C, B, L]`` (+ CLIP features) → embeddings ``[s, b, h]`` in Megatron order (complete on all TP ranks)."""
+    """tokens ``[C, B, L]`` (+ CLIP features) → embeddings ``[s, b, h]`` (complete on all TP ranks) whose rows are the
+    modality-sorted stream: the text rows, then the vision rows (routing.py)."""
 
     def __init__(self, config: LibraConfig) -> None:
         super().__init__(config=config)
@@ -62,7 +63,7 @@ class LibraEmbedding(MegatronModule):
         features = self._clip_rows(clip_features, routing, discrete)
         signal = rms_norm(torch.cat([discrete, features], dim=-1), self.vision_signal_norm_weight, self.eps)
         vision = self.vision_signal_processor(signal)
-        return plan.merge(text, vision).view(routing.seq_length, routing.batch, -1)
+        return torch.cat([text, vision]).view(routing.seq_length, routing.batch, -1)
 
     def _clip_rows(self, clip_features: Optional[Tensor], routing: ModalityRouting, like: Tensor) -> Tensor:
         width = self.config.clip_feature_size
@@ -80,37 +81,6 @@ class LibraEmbedding(MegatronModule):
             return like.new_zeros((like.shape[0], width))
         picked = flat.index_select(0, rows.clamp(min=0))
         return picked.masked_fill((rows < 0).unsqueeze(-1), 0.0)
-
-
-def check_tokens(tokens: Tensor, vision_indices: Tensor, config: LibraConfig) -> None:
-    """Raise ValueError naming the first position whose ids do not fit its modality (one host sync)."""
-    vocab = config.vocab
-    C = vocab.num_codebooks
-    if tokens.dim() != 3 or tokens.shape[0] != C or tuple(tokens.shape[1:]) != tuple(vision_indices.shape):
-        raise ValueError(f"tokens must be [{C}, B, L] matching vision_indices {list(vision_indices.shape)}, got {list(tokens.shape)}")
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
-    vi = vision_indices.to(tokens.device).unsqueeze(0).expand_as(tokens)
-    T = vocab.text_vocab_size
-    is_text = vi == vocab.text_vision_index
-    planes_differ = (tokens != tokens[:1]) & is_text
-    bad_text = is_text & ((tokens < 0) | (tokens >= T))
-    patch = (vi >= 1) & (vi <= vocab.patches_per_image)
-    bad_patch = patch & ((tokens < vocab.image_offset) | (tokens >= vocab.image_offset + vocab.codebook_size))
-    bad_boi = (vi == 0) & (tokens != vocab.boi_id)
-    bad_eoi = (vi == vocab.image_positions - 1) & (tokens != vocab.eoi_id)
-    checks = [
-        (bad_text, f"text ids must lie in [0, {T})"),
-        (planes_differ, "text positions must hold the same id in every plane"),
-        (bad_patch, f"image patch ids must lie in [{vocab.image_offset}, {vocab.image_offset + vocab.codebook_size})"),
-        (bad_boi, f"<boi> positions (vision_indices 0) must hold {vocab.boi_id}"),
-        (bad_eoi, f"<eoi> positions (vision_indices {vocab.image_positions - 1}) must hold {vocab.eoi_id}"),
-    ]
-    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()
-    for (bad, message), failed in zip(checks, flags):
-        if failed:
-            c, b, t = (int(i) for i in torch.nonzero(bad)[0])
-            raise ValueError(f"tokens[{c}, {b}, {t}] = {int(tokens[c, b, t])}: {message}")
 
 
 def sequence_parallel_scatter(embeddings: Tensor, config: LibraConfig) -> Tensor:

@@ -1,7 +1,12 @@
 """LibraLayer (routed norm → bridge attention → routed norm → routed MLP) and the block that runs them.
 
+The residual stream is sorted by modality (routing.py): inside a stage it is a pair ``(text rows, vision rows)``
+(``[n, h]`` each; under sequence parallelism this rank's part of its chunk), so norms, linears and the MLP work on
+their modality's rows with no per-layer split or merge, and the residual adds are two plain adds. The block turns
+the ``[s(/t), b, h]`` tensor megatron passes between stages (sorted rows) into that pair once and back once.
+
 The routing of a micro-batch reaches every layer as an explicit argument: ``block(hidden, routing)`` calls
-``layer(hidden, routing)``. Under activation recompute the block checkpoints closures that capture that
+``layer(stream, routing)``. Under activation recompute the block checkpoints closures that capture that
 micro-batch's routing object, so a backward that replays a layer (also under 1F1B, where the backward of
 micro-batch i runs after the forward of i+k) sees exactly the routing its forward saw — no global state, no
 tensor encoding. ``recompute_granularity='full'`` with ``recompute_method`` 'uniform' or 'block' follows
@@ -11,7 +16,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Union
+from typing import Tuple, Union
+
+import torch
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import (
@@ -26,6 +33,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.model.cuda_graphs import LayerGraphs, layer_graphs
 from libra_megatron.model.routing import ModalityRouting
 
 
@@ -58,24 +66,27 @@ class LibraLayer(MegatronModule, BaseTransformerLayer):
         self.mlp = build_module(submodules.mlp, config=config, pg_collection=pg_collection)
         self.sequence_parallel = bool(config.sequence_parallel) and config.tensor_model_parallel_size > 1
 
-    def forward(self, hidden_states: Tensor, routing: ModalityRouting) -> Tensor:
-        text, vision = self._normed_rows(self.input_layernorm, hidden_states, routing)
-        hidden_states = self._add_residual(hidden_states, *self.self_attention(text, vision, routing), routing)
-        text, vision = self._normed_rows(self.pre_mlp_layernorm, hidden_states, routing)
-        return self._add_residual(hidden_states, *self.mlp(text, vision), routing)
+    def forward(self, stream: Tuple[Tensor, Tensor], routing: ModalityRouting) -> Tuple[Tensor, Tensor]:
+        """``stream``: this rank's residual rows ``(text, vision)`` → the same after attention and MLP."""
+        text, vision = stream
+        out_t, out_v = self.self_attention(*self._normed_rows(self.input_layernorm, text, vision, routing), routing)
+        text, vision = self._add_residual(text, vision, out_t, out_v, routing)
+        out_t, out_v = self.mlp(*self._normed_rows(self.pre_mlp_layernorm, text, vision, routing))
+        return self._add_residual(text, vision, out_t, out_v, routing)
 
-    def _normed_rows(self, norm, hidden_states: Tensor, routing: ModalityRouting):
+    def _normed_rows(self, norm, text: Tensor, vision: Tensor, routing: ModalityRouting) -> Tuple[Tensor, Tensor]:
+        text, vision = norm(text, vision)
         if not self.sequence_parallel:
-            return norm(hidden_states, routing.full)
-        normed = norm.forward_merged(hidden_states, routing.local)  # this rank's chunk
-        full = gather_from_sequence_parallel_region(normed, tensor_parallel_output_grad=False)
-        return routing.full.split(full)
+            return text, vision
+        full = gather_from_sequence_parallel_region(torch.cat([text, vision]), tensor_parallel_output_grad=False)
+        return full.split([routing.full.num_text, routing.full.num_vision])
 
-    def _add_residual(self, residual: Tensor, text: Tensor, vision: Tensor, routing: ModalityRouting) -> Tensor:
-        if not self.sequence_parallel:
-            return routing.full.merge_add(residual, text, vision)
-        merged = routing.full.merge(text, vision).view(routing.seq_length, routing.batch, -1)
-        return residual + scatter_to_sequence_parallel_region(merged)
+    def _add_residual(self, text: Tensor, vision: Tensor, out_t: Tensor, out_v: Tensor,
+                      routing: ModalityRouting) -> Tuple[Tensor, Tensor]:
+        if self.sequence_parallel:  # complete rows -> this rank's chunk of the sorted stream
+            local = scatter_to_sequence_parallel_region(torch.cat([out_t, out_v]))
+            out_t, out_v = local.split([routing.local_text_rows, routing.local_rows - routing.local_text_rows])
+        return text + out_t, vision + out_v
 
 
 class LibraTransformerBlock(TransformerBlock):
@@ -85,22 +96,27 @@ class LibraTransformerBlock(TransformerBlock):
         """Run this stage's layers; input is the embedding (first stage) or the received tensor (set_input_tensor)."""
         if not self.pre_process:
             hidden_states = self.input_tensor
-        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        shape = hidden_states.shape
+        rows = hidden_states.reshape(routing.local_rows, -1)  # sorted rows: text block, then vision block
+        stream = tuple(rows.split([routing.local_text_rows, routing.local_rows - routing.local_text_rows]))
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         with rng:
             if self.config.recompute_granularity == "full" and self.training:
-                hidden_states = self._checkpointed_layers(hidden_states, routing)
+                stream = self._checkpointed_layers(stream, routing)
+            elif len(self.layers) and LayerGraphs.applicable(self.config, routing, stream[0], self.training):
+                stream = layer_graphs(self)(stream, routing)  # fixed layout: replay the captured CUDA graphs
             else:
                 for layer in self.layers:
-                    hidden_states = layer(hidden_states, routing)
-        return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+                    stream = layer(stream, routing)
+        return make_viewless_tensor(inp=torch.cat(stream).view(shape), requires_grad=True, keep_graph=True)
 
-    def _checkpointed_layers(self, hidden_states: Tensor, routing: ModalityRouting) -> Tensor:
+    def _checkpointed_layers(self, stream: Tuple[Tensor, Tensor], routing: ModalityRouting) -> Tuple[Tensor, Tensor]:
         def run(start: int, end: int):
-            def custom_forward(hidden: Tensor) -> Tensor:
+            def custom_forward(text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
+                stream = (text, vision)
                 for layer in self.layers[start:end]:
-                    hidden = layer(hidden, routing)
-                return hidden
+                    stream = layer(stream, routing)
+                return stream
 
             return custom_forward
 
@@ -108,14 +124,13 @@ class LibraTransformerBlock(TransformerBlock):
         distribute = self.config.distribute_saved_activations
         if self.config.recompute_method == "uniform":
             for start in range(0, num_layers, chunk):
-                hidden_states = tensor_parallel.checkpoint(run(start, min(start + chunk, num_layers)), distribute,
-                                                           hidden_states)
+                stream = tensor_parallel.checkpoint(run(start, min(start + chunk, num_layers)), distribute, *stream)
         elif self.config.recompute_method == "block":
             for index in range(num_layers):
                 if index < chunk:
-                    hidden_states = tensor_parallel.checkpoint(run(index, index + 1), distribute, hidden_states)
+                    stream = tensor_parallel.checkpoint(run(index, index + 1), distribute, *stream)
                 else:
-                    hidden_states = run(index, index + 1)(hidden_states)
+                    stream = run(index, index + 1)(*stream)
         else:
             raise ValueError(f"recompute_method must be 'uniform' or 'block', got {self.config.recompute_method!r}")
-        return hidden_states
+        return tuple(stream)

@@ -17,16 +17,17 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.embedding import LibraEmbedding, check_tokens, sequence_parallel_scatter
+from libra_megatron.model.embedding import LibraEmbedding, sequence_parallel_scatter
 from libra_megatron.model.layer import LibraTransformerBlock
-from libra_megatron.model.output import check_labels, position_losses, unified_logits
+from libra_megatron.model.micro_batch import build_micro_batch_routing
+from libra_megatron.model.output import position_losses, unified_logits
 from libra_megatron.model.routed_linear import ReplicatedLinear, column_parallel, normal_init, param_device
 from libra_megatron.model.routing import ModalityRouting
-from libra_megatron.model.rotary import RotaryTables
 from libra_megatron.model.specs import get_libra_block_spec
 from libra_megatron.model.training_stages import is_trainable_in_stage
 
@@ -36,8 +37,10 @@ class LibraModel(LanguageModule):
 
     def __init__(
         self, config: LibraConfig, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
-        pg_collection=None,
+        pg_collection=None, layer_spec: Optional[ModuleSpec] = None,
     ) -> None:
+        """``layer_spec``: the decoder layer's ModuleSpec (default ``specs.get_libra_layer_spec()``; e.g. another
+        core-attention backend)."""
         super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
@@ -46,7 +49,7 @@ class LibraModel(LanguageModule):
         if pre_process:
             self.embedding = LibraEmbedding(config)
         self.decoder = LibraTransformerBlock(
-            config=config, spec=get_libra_block_spec(config, vp_stage), pre_process=pre_process,
+            config=config, spec=get_libra_block_spec(config, vp_stage, layer_spec), pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage, pg_collection=self.pg_collection,
         )
         if post_process:
@@ -78,22 +81,8 @@ class LibraModel(LanguageModule):
     def build_routing(
         self, vision_indices: Tensor, position_ids: Tensor, segment_ids: Optional[Tensor] = None
     ) -> ModalityRouting:
-        """Routing + rotary tables of one micro-batch (what every layer of this stage shares)."""
-        config = self.config
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        sp = bool(config.sequence_parallel) and tp > 1
-        device = position_ids.device
-        routing = ModalityRouting.build(
-            vision_indices, self.vocab, segment_ids=segment_ids, device=device,
-            sequence_parallel_size=tp if sp else 1,
-            sequence_parallel_rank=parallel_state.get_tensor_model_parallel_rank() if sp else 0,
-            force_index_plan=config.force_general_routing, validate=config.validate_inputs,
-        )
-        if tuple(position_ids.shape) != (routing.batch, routing.seq_length):
-            raise ValueError(f"position_ids must be [B, L] = {[routing.batch, routing.seq_length]}, got {list(position_ids.shape)}")
-        dtype = config.params_dtype if not (config.bf16 or config.fp16) else (torch.bfloat16 if config.bf16 else torch.float16)
-        routing.rotary = RotaryTables.build(position_ids, routing.full, config.kv_channels, config.rotary_base, dtype)
-        return routing
+        """Routing + rotary tables of one micro-batch (what every layer of this stage shares); see micro_batch.py."""
+        return build_micro_batch_routing(self.config, vision_indices, position_ids, segment_ids)
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(
@@ -106,31 +95,34 @@ class LibraModel(LanguageModule):
         segment_ids: Optional[Tensor] = None,
         routing: Optional[ModalityRouting] = None,
     ) -> Tensor:
-        """See the module docstring; ``routing`` may be passed in when the caller already built it."""
-        routing = routing if routing is not None else self.build_routing(vision_indices, position_ids, segment_ids)
+        """See the module docstring. ``routing``: the micro-batch's routing, built (and its inputs validated) once
+        by :func:`~libra_megatron.model.micro_batch.build_micro_batch_routing` for all chunks, stages and the loss;
+        without it this call builds its own and validates the inputs it sees."""
+        if self.pre_process and tokens is None:
+            raise ValueError("the first pipeline stage needs `tokens`")
+        if routing is None:
+            routing = build_micro_batch_routing(
+                self.config, vision_indices, position_ids, segment_ids,
+                tokens=tokens if self.pre_process else None, labels=labels if self.post_process else None)
         hidden = None
         if self.pre_process:
-            if tokens is None:
-                raise ValueError("the first pipeline stage needs `tokens`")
-            if self.config.validate_inputs:
-                check_tokens(tokens, vision_indices, self.config)
             hidden = self.embedding(tokens, routing, clip_features)
             hidden = sequence_parallel_scatter(hidden, self.config)
         hidden = self.decoder(hidden, routing)
         if not self.post_process:
             return hidden
-        return self._postprocess(hidden, routing, labels, vision_indices)
+        return self._postprocess(hidden, routing, labels)
 
-    def _postprocess(self, hidden: Tensor, routing: ModalityRouting, labels: Optional[Tensor], vision_indices: Tensor):
+    def _postprocess(self, hidden: Tensor, routing: ModalityRouting, labels: Optional[Tensor]):
         norm = self.decoder.final_layernorm
-        sp = bool(self.config.sequence_parallel) and parallel_state.get_tensor_model_parallel_world_size() > 1
-        if sp:
-            hidden = gather_from_sequence_parallel_region(
-                norm.forward_merged(hidden, routing.local), tensor_parallel_output_grad=False
-            )
-            hidden_text, hidden_vision = routing.full.split(hidden)
-        else:
-            hidden_text, hidden_vision = norm(hidden, routing.full)
+        rows = hidden.reshape(routing.local_rows, -1)  # the sorted stream (this rank's chunk under SP)
+        hidden_text, hidden_vision = norm(*rows.split([routing.local_text_rows,
+                                                       routing.local_rows - routing.local_text_rows]))
+        plan = routing.full
+        if bool(self.config.sequence_parallel) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            full = gather_from_sequence_parallel_region(torch.cat([hidden_text, hidden_vision]),
+                                                        tensor_parallel_output_grad=False)
+            hidden_text, hidden_vision = full.split([plan.num_text, plan.num_vision])
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * self.output_layer.output_size_per_partition
         s, b = routing.seq_length, routing.batch
         if labels is None:
@@ -138,17 +130,15 @@ class LibraModel(LanguageModule):
                 hidden_text, hidden_vision, self.output_layer.weight, self.vision_output_layer.weight, vocab_start,
                 self.vocab,
             )
-            planes = [routing.full.merge(t, v) for t, v in zip(text_rows, vision_rows)]
+            planes = [plan.unsort(torch.cat([t, v])) for t, v in zip(text_rows, vision_rows)]
             return torch.stack(planes).view(len(planes), s, b, -1).transpose(1, 2)
-        if self.config.validate_inputs:
-            check_labels(labels, vision_indices, self.vocab)
         label_rows = labels.to(hidden.device).permute(2, 1, 0).reshape(s * b, -1)
-        labels_text, labels_vision = routing.full.split_constant(label_rows)
+        labels_text, labels_vision = plan.split_constant(label_rows)
         loss_t, loss_v = position_losses(
             hidden_text, hidden_vision, labels_text[:, 0], labels_vision, self.output_layer.weight,
             self.vision_output_layer.weight, vocab_start, self.vocab,
         )
-        loss = routing.full.merge(loss_t, loss_v).view(s, b).t()
+        loss = plan.unsort(torch.cat([loss_t, loss_v])).view(s, b).t()  # back to sequence order, once
         return loss + 0.0 * self.vision_hidden_placeholder.sum()
 
     # -- training stages ----------------------------------------------------------------------------------------

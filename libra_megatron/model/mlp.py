@@ -17,9 +17,10 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.fusions import swiglu
+from libra_megatron.model.fusions import swiglu_fused
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
+    batched_b,
     column_parallel,
     expert_column_a,
     expert_row,
@@ -28,7 +29,6 @@ from libra_megatron.model.routed_linear import (
     text_column,
     text_row,
 )
-from libra_megatron.ops.wgrad_accum import linear
 
 
 class LibraRoutedMLP(MegatronModule):
@@ -55,10 +55,10 @@ class LibraRoutedMLP(MegatronModule):
         return self._forward(text, vision)
 
     def _forward(self, text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
-        gate, up = text_column(text, self.linear_fc1.weight).chunk(2, dim=-1)
-        out_t = text_row(swiglu(gate, up), self.linear_fc2.weight)
-        a_gate, a_up = expert_column_a(vision, self.vision_fc1_a.weight).split(self.ffn_rank, dim=1)
-        hidden_v = swiglu(linear(a_gate, self.vision_gate_b.weight), linear(a_up, self.vision_up_b.weight))
+        out_t = text_row(swiglu_fused(text_column(text, self.linear_fc1.weight)), self.linear_fc2.weight)
+        gate_up = batched_b(expert_column_a(vision, self.vision_fc1_a.weight),
+                            (self.vision_gate_b.weight, self.vision_up_b.weight))  # [2, n_v, ffn/t]
+        hidden_v = swiglu_fused(gate_up)
         out_v = expert_row(hidden_v, self.vision_fc2_a.weight, self.vision_fc2_b.weight)
         return out_t, out_v
 

@@ -12,7 +12,7 @@ same value, without that tensor:
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel.mappings import (
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.model.routing import ModalityRouting, vision_flag
 from libra_megatron.ops.wgrad_accum import linear
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
 
@@ -77,48 +78,32 @@ def unified_logits(
     return text_rows.unsqueeze(0).expand(C, -1, -1), vision_rows
 
 
-def check_labels(labels: Tensor, vision_indices: Tensor, vocab: LibraVocab) -> None:
-    """Raise ValueError unless labels are −100 or a class of the head that serves their position."""
-    C = vocab.num_codebooks
-    if labels.dim() != 3 or labels.shape[0] != C or tuple(labels.shape[1:]) != tuple(vision_indices.shape):
-        raise ValueError(f"labels must be [{C}, B, L] matching vision_indices {list(vision_indices.shape)}, got {list(labels.shape)}")
-    vi = vision_indices.to(labels.device).unsqueeze(0).expand_as(labels)
-    ignored = labels == IGNORE_INDEX
-    is_text = vi == vocab.text_vision_index
-    T = vocab.text_vocab_size
-    bad_text = is_text & ~ignored & ((labels < 0) | (labels >= T))
-    bad_vision = ~is_text & ~ignored & ((labels < vocab.image_offset) | (labels >= vocab.total_vocab_size))
-    bad_pattern = ignored != ignored[:1]
-    checks = [
-        (bad_text, f"labels at text positions must be -100 or a text id in [0, {T}) (a text position never predicts an image id)"),
-        (bad_vision, f"labels at image positions must be -100 or an image id in [{vocab.image_offset}, {vocab.total_vocab_size})"),
-        (bad_pattern, "every plane must ignore (-100) the same positions"),
-    ]
-    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()
-    for (bad, message), failed in zip(checks, flags):
-        if failed:
-            c, b, t = (int(i) for i in torch.nonzero(bad)[0])
-            raise ValueError(f"labels[{c}, {b}, {t}] = {int(labels[c, b, t])}: {message}")
-
-
 def libra_loss_reduction(
-    per_position_loss: Tensor, labels: Tensor, vision_indices: Tensor, vocab: LibraVocab
+    per_position_loss: Tensor, labels: Tensor, vision_indices: Tensor, vocab: LibraVocab, *,
+    routing: Optional[ModalityRouting] = None, image_loss_weight: float = 1.0,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """What a megatron ``loss_func`` returns: ``(loss_sum, num_tokens, report)`` for the Libra per-position loss.
 
     ``per_position_loss`` is the model output ``[B, L]``; ``report`` holds 2-element tensors ``[sum, count]`` for
     ``lm loss``, ``text loss`` and ``image loss`` (Megatron's reporting format; reduce over DP before dividing).
+    ``routing``: the micro-batch's routing, whose device flag is used instead of recomputing it from
+    ``vision_indices``. ``image_loss_weight != 1`` weighs image positions in the optimised sum (an ablation knob,
+    docs/architecture.md#loss-weighting); the report stays unweighted.
     """
-    valid = (labels[0] != IGNORE_INDEX).to(per_position_loss.device)
-    vision = (vision_indices < vocab.text_vision_index).to(per_position_loss.device)
+    device = per_position_loss.device
+    vision = routing.vision_mask if routing is not None else vision_flag(vision_indices.to(device), vocab)
+    valid = (labels[0] != IGNORE_INDEX).to(device)
     loss = per_position_loss.float()
     total = loss.sum()
     num_tokens = valid.sum().to(torch.int)
-    text_sum, vision_sum = (loss * ~vision).sum(), (loss * vision).sum()
-    text_count, vision_count = (valid & ~vision).sum(), (valid & vision).sum()
+    vision_sum = (loss * vision).sum()
+    text_sum = (loss * ~vision).sum()
+    vision_count = (valid & vision).sum()
     report = {
         "lm loss": torch.stack([total.detach(), num_tokens.float()]),
-        "text loss": torch.stack([text_sum.detach(), text_count.float()]),
+        "text loss": torch.stack([text_sum.detach(), (num_tokens - vision_count).float()]),
         "image loss": torch.stack([vision_sum.detach(), vision_count.float()]),
     }
+    if image_loss_weight != 1.0:
+        total = text_sum + image_loss_weight * vision_sum
     return total, num_tokens, report

@@ -41,7 +41,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.ops.wgrad_accum import batched_linear, linear
+from libra_megatron.ops.wgrad_accum import linear, stacked_weight_grads
 
 
 def normal_init(std: float) -> Callable[[Tensor], Tensor]:
@@ -135,15 +135,63 @@ def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Ten
     return linear(reduce_from_tp(linear(x_shard, weight_a_shard)), weight_b)
 
 
-def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
     """Several expert B's of equal shape ``[out, rank]`` in one batched GEMM: ``a = [a_1 ‖ … ‖ a_k]`` ``[n, k·rank]``
-    (any row stride) → ``(a_1 B_1^T, …, a_k B_k^T)``, each a contiguous ``[n, out]``. One launch instead of k
-    forward and one instead of 2k backward (the expert's GEMMs are small enough to be launch-bound on the host);
-    ``unbind`` (not indexing) so the backward stacks the k gradients in one op (see ``ops/wgrad_accum.py``)."""
-    return batched_linear(a, weights)
+    (any row stride) → ``[k, n, out]`` = stacked ``a_i B_i^T`` (see :func:`expert_b_groups`)."""
+    return expert_b_groups(a, [weights])[0]
+
+
+def expert_b_groups(a: Tensor, groups: Sequence[Sequence[Tensor]]) -> Tuple[Tensor, ...]:
+    """The expert B's of several groups reading consecutive column blocks of one A output ``a [n, Σ k_g·r_g]``:
+    group ``g`` (``k_g`` weights ``[out_g, r_g]``) → ``[k_g, n, out_g]`` = stacked ``a_gi B_gi^T``.
+
+    One autograd node and one batched GEMM per group each way (the expert's GEMMs are small enough to be
+    launch-bound on the host): the backward writes the input gradient straight into ``a``'s layout (no split or
+    copy) and the weight gradients as one batched GEMM per group. Consumers read the stacked outputs (and write
+    their gradients) in place, so there are no unbind/stack copies either.
+    """
+    flat = [w for group in groups for w in group]
+    return _ExpertB.apply(a, tuple(len(group) for group in groups), *flat)
+
+
+class _ExpertB(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, sizes: Tuple[int, ...], *weights: Tensor):  # type: ignore[override]
+        outs, stacks, col, index = [], [], 0, 0
+        for k in sizes:
+            stack = torch.stack(weights[index:index + k])  # [k, out, r]
+            r = stack.shape[2]
+            outs.append(torch.bmm(_blocks(a, col, k, r), stack.transpose(1, 2)))
+            stacks.append(stack)
+            col, index = col + k * r, index + k
+        ctx.sizes, ctx.weights = sizes, weights  # the parameters: main_grad / fusion protocol (ops/wgrad_accum.py)
+        ctx.save_for_backward(a, *stacks)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        a, *stacks = ctx.saved_tensors
+        need_a = ctx.needs_input_grad[0]
+        grad_a = torch.empty(a.shape, dtype=a.dtype, device=a.device) if need_a else None
+        weight_grads, col, index = [], 0, 2
+        for k, stack, grad in zip(ctx.sizes, stacks, grads):
+            r = stack.shape[2]
+            if need_a:
+                torch.bmm(grad, stack, out=_blocks(grad_a, col, k, r))
+            if any(ctx.needs_input_grad[index:index + k]):
+                weight_grads += stacked_weight_grads(ctx.weights[index - 2:index - 2 + k], grad, _blocks(a, col, k, r))
+            else:
+                weight_grads += [None] * k
+            col, index = col + k * r, index + k
+        return (grad_a, None, *weight_grads)
+
+
+def _blocks(x: Tensor, col: int, k: int, r: int) -> Tensor:
+    """Columns ``[col, col + k·r)`` of ``x [n, C]`` as ``[k, n, r]`` (a strided view)."""
+    return x[:, col:col + k * r].unflatten(1, (k, r)).transpose(0, 1)
 
 
 def bridge_deltas(a: Tensor, weight_k: Tensor, weight_v: Tensor) -> Tuple[Tensor, Tensor]:
     """The k and v bridge B's of one modality: ``a = [a_k ‖ a_v]`` ``[n, 2r]`` → ``(a_k B_k^T, a_v B_v^T)``."""
-    delta_k, delta_v = batched_b(a, (weight_k, weight_v))
+    delta_k, delta_v = batched_b(a, (weight_k, weight_v)).unbind(0)
     return delta_k, delta_v

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from libra_megatron.config import LibraConfig
 from libra_megatron.model.routed_linear import param_device
-from libra_megatron.model.routing import RowPlan
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -35,15 +34,6 @@ class RoutedRMSNorm(MegatronModule):
         for param in (self.weight, self.vision_weight):
             param.sequence_parallel = bool(config.sequence_parallel)
 
-    def forward(self, x: Tensor, plan: RowPlan) -> Tuple[Tensor, Tensor]:
-        """Rows of ``x`` → (normed text rows, normed vision rows)."""
-        text, vision = plan.split(x)
-        return self.forward_parts(text, vision)
-
-    def forward_parts(self, text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
-        """Norm already-split rows."""
+    def forward(self, text: Tensor, vision: Tensor) -> Tuple[Tensor, Tensor]:
+        """Text rows and vision rows (of the modality-sorted stream) → their normed rows."""
         return rms_norm(text, self.weight, self.eps), rms_norm(vision, self.vision_weight, self.eps)
-
-    def forward_merged(self, x: Tensor, plan: RowPlan) -> Tensor:
-        """Norm and put the rows back in place: same shape as ``x``."""
-        return plan.merge(*self.forward(x, plan)).view(x.shape)

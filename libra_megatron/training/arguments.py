@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from libra_megatron.evaluation.engine_captioning import add_captioning_args, validate_captioning_args
+from libra_megatron.training.architecture import FIELD_FLAGS, add_architecture_args
 from libra_megatron.training.run_config import RunConfig
 
 
@@ -26,7 +27,9 @@ class ConfigError(ValueError):
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="tiny", help="LibraConfig preset (libra-7b, tiny) or a GPT preset")
+    group.add_argument("--model", default=None,
+                       help="Libra preset (libra-7b, tiny) or a GPT preset; Libra default: the architecture of the "
+                            "checkpoint the run starts from (--load / --pretrained-checkpoint), else tiny")
     group.add_argument("--model-family", default="libra", choices=["libra", "gpt"],
                        help="libra = the Libra model; gpt = a text-only LLaMA-style megatron-core GPTModel baseline")
     group.add_argument("--stage", default="pretrain", choices=["pretrain", "instruct"],
@@ -40,6 +43,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-tokenizer", default=None,
                        help="folder of the frozen image tokenizer (CLIP runs on the first pipeline stage), "
                             "or 'tiny:SEED' for the random tiny tokenizer of tests and the CPU demo")
+    add_architecture_args(group)
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +102,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="dataset prefixes, optionally weighted: 'w1 prefix1 w2 prefix2'")
     group.add_argument("--mock-data", action="store_true", help="deterministic synthetic samples (no files)")
     group.add_argument("--packing", action="store_true", help="pack several samples per row (block-diagonal attention)")
+    group.add_argument("--sequence-padding", default="dynamic", choices=["dynamic", "fixed"],
+                       help="dynamic: cut each micro-batch to its longest sample rounded up to --pad-to-multiple-of "
+                            "(PP > 1: to the step's longest); fixed: every micro-batch is --seq-length long")
+    group.add_argument("--pad-to-multiple-of", type=int, default=16,
+                       help="length granularity of dynamic padding (x TP under --sequence-parallel)")
     group.add_argument("--data-seed", type=int, default=None, help="seed of the sample order (default: --seed)")
     group.add_argument("--data-cache-path", default=None,
                        help="shared folder for the sample-order cache (rank 0 builds it, every rank mmaps it)")
@@ -143,6 +152,18 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--metrics-file", default=None, help="JSON line per iteration (last rank)")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="per-GPU dense bf16 peak for MFU (default: known for A100/H100/H200)")
+    group.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                       help="megatron timers: 0 = iteration time only; 1 = forward-backward, batch-generator, "
+                            "optimizer, all-grads-sync, params-all-gather (each syncs the device); 2 = also "
+                            "forward/backward compute and pipeline send/recv")
+    group.add_argument("--profile", action="store_true",
+                       help="torch profiler trace of iterations --profile-step-start+1 .. --profile-step-end")
+    group.add_argument("--profile-step-start", type=int, default=10)
+    group.add_argument("--profile-step-end", type=int, default=12)
+    group.add_argument("--profile-ranks", type=int, nargs="+", default=None, help="global ranks that profile "
+                                                                                  "(default: 0)")
+    group.add_argument("--profile-dir", default=None,
+                       help="where the .pt.trace.json.gz goes (default: --tensorboard-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +274,10 @@ def _validate_evaluation(args: argparse.Namespace) -> None:
                "tools/preprocess_images.py, e.g. from COCO-Karpathy val), or --mock-data")
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    return f"model '{args.model}'" if args.model else "the model"
+
+
 def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: Dict[str, int]) -> None:
     tp, pp, vpp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
     _check(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
@@ -261,12 +286,12 @@ def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: D
     args.data_parallel_size = world_size // (tp * pp)
     heads, layers = model_shape["num_attention_heads"], model_shape["num_layers"]
     _check(heads % tp == 0, f"--tensor-model-parallel-size {tp} does not divide num_attention_heads {heads} "
-                            f"of model '{args.model}'")
+                            f"of {_model_name(args)}")
     if vpp is not None:
         _check(pp > 1, "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
         _check(vpp >= 2, "--virtual-pipeline-model-parallel-size must be >= 2 (or unset)")
     chunks = pp * (vpp or 1)
-    _check(layers % chunks == 0, f"num_layers {layers} of model '{args.model}' is not divisible by PP x VPP = {chunks}")
+    _check(layers % chunks == 0, f"num_layers {layers} of {_model_name(args)} is not divisible by PP x VPP = {chunks}")
     if args.sequence_parallel:
         _check(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
         _check(args.seq_length % tp == 0, f"--seq-length {args.seq_length} must be divisible by TP {tp} under "
@@ -317,6 +342,16 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     _check(args.log_interval >= 1, "--log-interval must be >= 1")
 
 
+def _validate_observability(args: argparse.Namespace) -> None:
+    _check(args.pad_to_multiple_of >= 1, "--pad-to-multiple-of must be >= 1")
+    if args.profile:
+        _check(0 <= args.profile_step_start < args.profile_step_end,
+               f"--profile-step-start {args.profile_step_start} must be >= 0 and below --profile-step-end "
+               f"{args.profile_step_end}")
+        _check(bool(args.profile_dir or args.tensorboard_dir), "--profile needs --profile-dir or --tensorboard-dir "
+                                                               "(where the trace is written)")
+
+
 def _validate_device(args: argparse.Namespace) -> None:
     """``--device`` defaults to cuda when available, else cpu (a dry run plans on any machine)."""
     import torch
@@ -339,11 +374,14 @@ def validate_args(args: argparse.Namespace, world_size: int, model_shape: Dict[s
     args = argparse.Namespace(**vars(args))
     if args.num_layers is not None:
         model_shape = dict(model_shape, num_layers=args.num_layers)
+    for field, value in (model_shape.get("architecture") or {}).items():  # the resolved model, stated as flags
+        setattr(args, FIELD_FLAGS[field], value)
     _check(args.seq_length >= 2, "--seq-length must be >= 2")
     _validate_parallel(args, world_size, model_shape)
     _validate_batch(args)
     _validate_schedule(args)
     _validate_checkpointing(args)
+    _validate_observability(args)
     _validate_data(args, dataset_files)
     _validate_evaluation(args)
     captioning_error = validate_captioning_args(args)

@@ -21,6 +21,7 @@ non-tensor parts as pickles, so load checkpoints you trust; untrusted weights co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -34,6 +35,7 @@ import torch
 from libra_megatron.utils.megatron_compat import ensure_adam_state, load_optimizer_state, use_in_process_write_queue
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+RUN_CONFIG_FILE = "run_config.json"  # the run's validated flags as plain JSON (e.g. the model architecture)
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_VERSION = 1
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
@@ -167,8 +169,9 @@ def _model_state(model: List[torch.nn.Module], metadata: Dict[str, Any]) -> Dict
 def _args_summary(args: argparse.Namespace) -> Dict[str, Any]:
     """The flags as plain values (no Namespace pickled into the checkpoint)."""
     plain = (bool, int, float, str, type(None))
-    return {k: v for k, v in vars(args).items() if isinstance(v, plain) or (isinstance(v, list) and
-                                                                           all(isinstance(x, plain) for x in v))}
+    # lists as plain lists: dist_checkpointing rewrites list items in place, which a frozen RunConfig list refuses
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items()
+            if isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))}
 
 
 def _barrier() -> None:
@@ -207,6 +210,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
     use_in_process_write_queue()
     dist_checkpointing.save(state, staging, content_metadata=content)
+    if rank == 0:
+        _write_atomic(os.path.join(staging, RUN_CONFIG_FILE), json.dumps(_args_summary(args), indent=1, sort_keys=True))
     if args.overlap_param_gather:
         for chunk in model:
             chunk.enable_forward_pre_hook()

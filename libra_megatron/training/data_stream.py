@@ -11,13 +11,14 @@ checkpoint's consumed-sample count, so the run sees exactly the samples an unint
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 
 # Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
-HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids"})
+# "routing" (a family's prepare_batch result) is already placed where it belongs.
+HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids", "routing"})
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -69,16 +70,19 @@ class MicroBatchStream:
     """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
 
     def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
-                 dp_rank: int, dp_size: int, vocab: Any) -> None:
-        from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
+                 dp_rank: int, dp_size: int, vocab: Any, prepare: Optional[Callable[[Dict], None]] = None) -> None:
+        from libra_megatron.data.dataset import ResumableBatchSampler
+        from libra_megatron.training.padding import build_collate
 
+        self.prepare = prepare  # per host micro-batch, before stats and the device copy (ModelFamily.prepare_batch)
         self.num_microbatches = args.num_microbatches
         self.vocab = vocab
+        self.pipeline_parallel = args.pipeline_model_parallel_size
         total_samples = max(total_samples, consumed_samples)
         sampler = ResumableBatchSampler(total_samples, consumed_samples, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batch,
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=build_collate(args, vocab),
             pin_memory=args.device == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
@@ -87,17 +91,35 @@ class MicroBatchStream:
 
     def next_step(self) -> Tuple[List[Dict[str, torch.Tensor]], Any]:
         """The ``num_microbatches`` micro-batches of the next step (on the training device) and their token counts
-        (:class:`~libra_megatron.training.model_family.BatchStats`, computed on the host copies)."""
+        (:class:`~libra_megatron.training.model_family.BatchStats`, computed on the host copies). With dynamic
+        padding and PP > 1 the micro-batches are padded to the step's longest (one shape per step)."""
         from libra_megatron.training.model_family import BatchStats, batch_stats
+        from libra_megatron.training.padding import align_step
 
         try:
             batches = [next(self._iterator) for _ in range(self.num_microbatches)]
         except StopIteration:
             raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
+        batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
         stats = BatchStats()
         for batch in batches:
+            if self.prepare is not None:
+                self.prepare(batch)
             stats.add(batch_stats(batch, self.vocab))
         if self.device is not None:
-            batches = [{k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in b.items()}
-                       for b in batches]
+            batches = [to_device(batch, self.device) for batch in batches]
         return batches, stats
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """The micro-batch on ``device`` except :data:`HOST_KEYS`; asynchronous copies (tensors not already pinned
+    by the loader, e.g. re-padded ones, are pinned first so the copy never waits for the GPU)."""
+    out = {}
+    for key, value in batch.items():
+        if key in HOST_KEYS or not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+            out[key] = value
+            continue
+        if not value.is_pinned():
+            value = value.pin_memory()
+        out[key] = value.to(device, non_blocking=True)
+    return out

@@ -17,8 +17,15 @@ The memory estimate per GPU (bf16 weights, fp32 grads, Adam with fp32 master wei
   micro-batches in flight on the stage (1 without pipelining; ``PP - stage`` for 1F1B; Megatron's warm-up count
   for the interleaved schedule);
 * the last stage's fp32 logits of one micro-batch, the first stage's frozen CLIP tower (bf16) and its forward
-  workspace, and a fixed 3 GB for the CUDA context, NCCL buffers and allocator fragmentation.
-It is an estimate to choose a layout, not a guarantee; ``torch.cuda.max_memory_allocated`` in the training log is
+  workspace, and a fixed 3 GB for the CUDA context, NCCL buffers and allocator fragmentation;
+* the optimizer step's workspace, which exists only while the activations are gone: torch's foreach AdamW (what
+  megatron-core builds without apex/TE) allocates ``sqrt(exp_avg_sq)`` for every parameter of a group at once,
+  4 B per trainable parameter (/DP with the distributed optimizer); a fused AdamW needs none.
+  The peak is ``weights + grads + optimizer + CLIP weights + max(forward/backward working memory, optimizer step
+  workspace)``: under full recompute (activations ~1 GB at 7B) the optimizer step is the peak, which is why the
+  7B bench measured the same 101 GB with and without recompute (docs/design.md, "Training throughput").
+The activation and logits terms assume every micro-batch is ``--seq-length`` long (an upper bound under dynamic
+padding). It is an estimate to choose a layout, not a guarantee; ``torch.cuda.max_memory_allocated`` in the training log is
 the measurement.
 """
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from libra_megatron.training.model_family import ModelFamily
+from libra_megatron.training.model_setup import build_model_chunks, count_parameters
 from libra_megatron.training.run_config import RunConfig
 
 GB = 1024**3
@@ -62,25 +70,10 @@ def _fake_world(world_size: int, rank: int, args: argparse.Namespace):
 
 
 def _meta_chunks(family: ModelFamily, args: argparse.Namespace) -> Tuple[List[torch.nn.Module], Any]:
-    from megatron.core import parallel_state
-
+    """This (fake) rank's chunks exactly as the trainer builds them, on the meta device."""
     config = family.build_config(args)
-    vpp = args.virtual_pipeline_model_parallel_size
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    chunks = []
     with torch.device("meta"):
-        for vp_stage in range(vpp or 1):
-            chunk = family.provider(config, args, first and vp_stage == 0, last and vp_stage == (vpp or 1) - 1,
-                                    vp_stage if vpp else None)
-            family.set_trainable(chunk, args.stage)
-            chunks.append(chunk)
-    return chunks, config
-
-
-def _count(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        return build_model_chunks(family, args, config), config
 
 
 def _layer_range(chunks: List[torch.nn.Module]) -> str:
@@ -136,30 +129,42 @@ def _activation_bytes_per_token_layer(args: argparse.Namespace, config: Any) -> 
     return full_layer, 0.0
 
 
+def optimizer_step_workspace_bytes(args: argparse.Namespace) -> float:
+    """Bytes per trainable parameter (held by the rank) the optimizer's step allocates transiently: 4 for torch's
+    foreach AdamW (``torch._foreach_sqrt(exp_avg_sqs)``, one fp32 copy of every parameter of the group), 0 for a
+    fused AdamW (``args.fused_adam`` true: ``torch.optim.AdamW(fused=True)`` or an own multi-tensor kernel)."""
+    return 0.0 if getattr(args, "fused_adam", False) else 4.0
+
+
 def estimate_memory(args: argparse.Namespace, config: Any, stage: int, params: int, trainable: int,
                     layers: int, clip: Tuple[int, Dict[str, int]] | None, vocab: Any) -> Dict[str, float]:
     """The per-GPU memory estimate (GB) of one rank of pipeline stage ``stage``; see the module docstring."""
     pp, dp, t = args.pipeline_model_parallel_size, args.data_parallel_size, args.tensor_model_parallel_size
     tokens = args.micro_batch_size * args.seq_length
     stored, working = _activation_bytes_per_token_layer(args, config)
+    optimizer_shards = dp if args.use_distributed_optimizer else 1
     out = {
         "weights": params * (2 if args.bf16 else 4) / GB,
         "grads": trainable * 4 / GB,
-        "optimizer": trainable * (12 if args.bf16 else 8) / (dp if args.use_distributed_optimizer else 1) / GB,
+        "optimizer": trainable * (12 if args.bf16 else 8) / optimizer_shards / GB,
         "activations": (tokens * layers * stored * _in_flight(args, stage) + tokens * working) / GB,
         "clip": 0.0,
         "logits": 0.0,
+        "optimizer_step": trainable * optimizer_step_workspace_bytes(args) / optimizer_shards / GB,
     }
+    clip_workspace = 0.0
     if stage == 0 and clip is not None:
         clip_params, geometry = clip
-        workspace = args.micro_batch_size * geometry["tokens"] * (4 * geometry["hidden"] + geometry["ffn"]) * 2
-        out["clip"] = (clip_params * 2 + workspace) / GB
+        clip_workspace = args.micro_batch_size * geometry["tokens"] * (4 * geometry["hidden"] + geometry["ffn"]) * 2 / GB
+        out["clip"] = clip_params * 2 / GB + clip_workspace
     if stage == pp - 1:
         image_positions = vocab.image_positions if args.seq_length > vocab.image_positions else 0
         text_tokens = args.micro_batch_size * (args.seq_length - image_positions)
         vision_tokens = args.micro_batch_size * image_positions
         out["logits"] = (text_tokens * vocab.text_vocab_size / t + vision_tokens * 2 * vocab.vision_vocab_size) * 4 * 2 / GB
-    out["total"] = sum(out.values()) + FRAMEWORK_OVERHEAD_GB
+    resident = out["weights"] + out["grads"] + out["optimizer"] + out["clip"] - clip_workspace
+    working = out["activations"] + out["logits"] + clip_workspace  # forward/backward only
+    out["total"] = resident + max(working, out["optimizer_step"]) + FRAMEWORK_OVERHEAD_GB
     return out
 
 
@@ -175,7 +180,7 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
                           virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     with _fake_world(1, 0, single):
         chunks, _ = _meta_chunks(family, single)
-        total, trainable = _count(chunks)
+        total, trainable = count_parameters(chunks)
     del chunks
     vocab = family.vocab(args)
     clip = _clip_parameters(args) if family.needs_vision else None
@@ -183,7 +188,7 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
     for stage in range(pp):
         with _fake_world(args.world_size, stage * tp * dp, args):
             chunks, config = _meta_chunks(family, args)
-            params, train = _count(chunks)
+            params, train = count_parameters(chunks)
             layers = sum(len(getattr(getattr(c, "decoder", None), "layers", [])) for c in chunks)
             memory = estimate_memory(args, config, stage, params, train, layers, clip, vocab)
             stages.append({"stage": stage, "layers": _layer_range(chunks), "params": params, "trainable": train,
@@ -210,7 +215,7 @@ def _print_plan(args: argparse.Namespace, plan: Dict[str, Any]) -> None:
     if plan["clip_params"]:
         print(f"frozen CLIP tower on the first stage: {plan['clip_params']:,} parameters (not in the model)")
     header = (f"{'stage':>5} {'layers':>10} {'params/rank':>15} {'trainable/rank':>15} {'weights':>8} {'grads':>7} "
-              f"{'optim':>7} {'activ':>7} {'clip':>6} {'logits':>7} {'total GB':>9}")
+              f"{'optim':>7} {'activ':>7} {'clip':>6} {'logits':>7} {'opt-step':>8} {'total GB':>9}")
     print("per rank (every TP rank of a stage holds the same amount):")
     print(header)
     worst = 0.0
@@ -219,7 +224,8 @@ def _print_plan(args: argparse.Namespace, plan: Dict[str, Any]) -> None:
         worst = max(worst, m["total"])
         print(f"{row['stage']:>5} {row['layers']:>10} {row['params']:>15,} {row['trainable']:>15,} "
               f"{m['weights']:>8.1f} {m['grads']:>7.1f} {m['optimizer']:>7.1f} {m['activations']:>7.1f} "
-              f"{m['clip']:>6.1f} {m['logits']:>7.1f} {m['total']:>9.1f}")
+              f"{m['clip']:>6.1f} {m['logits']:>7.1f} {m['optimizer_step']:>8.1f} {m['total']:>9.1f}")
     verdict = "fits" if worst <= args.gpu_memory_gb else "DOES NOT FIT"
     print(f"peak estimate per GPU: {worst:.1f} GB of {args.gpu_memory_gb:.0f} GB -> {verdict} "
-          f"(includes {FRAMEWORK_OVERHEAD_GB:.0f} GB CUDA/NCCL/fragmentation overhead)")
+          f"(includes {FRAMEWORK_OVERHEAD_GB:.0f} GB CUDA/NCCL/fragmentation overhead; the optimizer step's "
+          "workspace counts instead of activations when it is larger)")

@@ -32,14 +32,18 @@ class ValidationStream:
     takes slice ``r``), so the union over DP ranks of one evaluation is samples ``[0, eval_iters x GBS)``.
     """
 
-    def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
+                 vocab: Any = None, prepare: Optional[Callable[[Dict], None]] = None) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
+        from libra_megatron.training.padding import build_collate
 
+        self.prepare = prepare  # per host micro-batch (ModelFamily.prepare_batch)
         self.eval_iters, self.num_microbatches = args.eval_iters, args.num_microbatches
         sampler = ResumableBatchSampler(num_samples, 0, args.micro_batch_size, dp_rank, dp_size)
         workers = args.num_workers
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batch,
+            dataset, batch_sampler=sampler, num_workers=workers,
+            collate_fn=build_collate(args, vocab) if vocab is not None else collate_batch,
             pin_memory=args.device == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             # DataLoader draws its worker base seed from this generator (default: the global torch RNG, which
@@ -47,10 +51,12 @@ class ValidationStream:
             generator=torch.Generator().manual_seed(args.seed),
         )
         self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
+        self.vocab, self.pipeline_parallel = vocab, args.pipeline_model_parallel_size
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
-        from libra_megatron.training.data_stream import HOST_KEYS
+        from libra_megatron.training.data_stream import to_device
+        from libra_megatron.training.padding import align_step
 
         iterator = iter(self.loader)
         for _ in range(self.eval_iters):
@@ -59,9 +65,12 @@ class ValidationStream:
             except StopIteration:
                 raise RuntimeError("the validation dataset ran out of samples (it holds --eval-iters x "
                                    "--global-batch-size)")
+            if self.vocab is not None:
+                batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
+            for batch in batches if self.prepare is not None else ():
+                self.prepare(batch)
             if self.device is not None:
-                batches = [{k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in b.items()}
-                           for b in batches]
+                batches = [to_device(batch, self.device) for batch in batches]
             yield batches
 
 
@@ -97,6 +106,8 @@ def evaluate(forward_step: Callable, stream: ValidationStream, model: List[torch
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from libra_megatron.training.padding import step_seq_length
+
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     totals: Optional[torch.Tensor] = None  # [len(LOSS_KEYS), 2] of (loss sum, token count), on the loss device
     if args.overlap_param_gather:  # make every weight current, then run without the gather hooks
@@ -108,10 +119,11 @@ def evaluate(forward_step: Callable, stream: ValidationStream, model: List[torch
         with torch.no_grad(), preserved_rng_state():
             for micro_batches in stream.batches():
                 iterators = [iter(micro_batches) for _ in model]
+                seq_length = step_seq_length(micro_batches)
                 reports = get_forward_backward_func()(
                     forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
-                    model=model, num_microbatches=len(micro_batches), seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length, forward_only=True,
+                    model=model, num_microbatches=len(micro_batches), seq_length=seq_length,
+                    micro_batch_size=args.micro_batch_size, decoder_seq_length=seq_length, forward_only=True,
                 )
                 if last_stage:
                     step = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS])

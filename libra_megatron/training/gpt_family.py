@@ -25,7 +25,8 @@ GPT_PRESETS: Dict[str, Dict[str, Any]] = {
 
 def _preset(args: argparse.Namespace) -> Dict[str, Any]:
     if args.model not in GPT_PRESETS:
-        raise ValueError(f"--model '{args.model}' is not a GPT preset; known: {sorted(GPT_PRESETS)}")
+        raise ValueError(f"--model-family gpt needs --model, one of {sorted(GPT_PRESETS)}" if args.model is None
+                         else f"--model '{args.model}' is not a GPT preset; known: {sorted(GPT_PRESETS)}")
     return GPT_PRESETS[args.model]
 
 

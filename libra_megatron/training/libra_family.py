@@ -28,25 +28,22 @@ from libra_megatron.training.model_family import BatchStats, ModelFamily, parall
 
 
 def _preset_fields(args: argparse.Namespace) -> Dict[str, Any]:
-    from libra_megatron.config import PRESETS
+    """The run's architecture: preset, flags or starting checkpoint (``training/architecture.py``)."""
+    from libra_megatron.training.architecture import resolve_architecture
 
-    if args.model not in PRESETS:
-        raise ValueError(f"--model '{args.model}' is not a Libra preset; known: {sorted(PRESETS)}")
-    return PRESETS[args.model]
+    return resolve_architecture(args)
 
 
-def _shape(args: argparse.Namespace) -> Dict[str, int]:
+def _shape(args: argparse.Namespace) -> Dict[str, Any]:
     preset = _preset_fields(args)
-    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"]}
+    return {"num_attention_heads": preset["num_attention_heads"], "num_layers": preset["num_layers"],
+            "architecture": preset}
 
 
 def _build_config(args: argparse.Namespace) -> Any:
     from libra_megatron.config import libra_config
 
-    overrides = parallel_config_kwargs(args)
-    if args.num_layers is not None:
-        overrides["num_layers"] = args.num_layers
-    return libra_config(args.model, **overrides)
+    return libra_config(None, **{**_preset_fields(args), **parallel_config_kwargs(args)})
 
 
 def _vocab(args: argparse.Namespace) -> Any:
@@ -68,23 +65,32 @@ def _set_trainable(module: torch.nn.Module, stage: str) -> None:
     module.set_training_stage(stage)
 
 
+def _prepare_batch(config: Any, device: Any, batch: Dict[str, Any]) -> None:
+    """Data path, once per micro-batch on the host copies: build and validate the one ``ModalityRouting`` every
+    model chunk, pipeline stage and the loss of this rank share (``batch["routing"]``)."""
+    from libra_megatron.model.micro_batch import build_micro_batch_routing
+
+    if device is not None:
+        batch["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    batch["routing"] = build_micro_batch_routing(
+        config, batch["vision_indices"], batch["position_ids"], batch.get("segment_ids"), tokens=batch["tokens"],
+        labels=batch["labels"], device=device)
+
+
 def _run_model(model: torch.nn.Module, batch: Dict[str, torch.Tensor], clip_features: Any) -> torch.Tensor:
     return model(batch["tokens"], batch["vision_indices"], batch["position_ids"], labels=batch["labels"],
-                 clip_features=clip_features, segment_ids=batch.get("segment_ids"))
+                 clip_features=clip_features, segment_ids=batch.get("segment_ids"), routing=batch.get("routing"))
 
 
 def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: Any,
                  image_loss_weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
-    """``libra_loss_reduction`` (docs/architecture.md#loss); with ``image_loss_weight != 1`` the optimised sum weighs image
-    positions by it (an ablation knob, docs/architecture.md#loss-weighting; the report keeps the unweighted losses)."""
+    """``libra_loss_reduction`` (docs/architecture.md#loss) with the micro-batch's routing; ``image_loss_weight``
+    weighs image positions in the optimised sum (an ablation knob, docs/architecture.md#loss-weighting; the report
+    keeps the unweighted losses)."""
     from libra_megatron.model.output import libra_loss_reduction
 
-    loss_sum, num_tokens, report = libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab)
-    if image_loss_weight != 1.0:
-        vision = (batch["vision_indices"] < vocab.text_vision_index).to(output.device)
-        weights = torch.where(vision, torch.full_like(output, image_loss_weight), torch.ones_like(output))
-        loss_sum = (output.float() * weights).sum()
-    return loss_sum, num_tokens, report
+    return libra_loss_reduction(output, batch["labels"], batch["vision_indices"], vocab,
+                                routing=batch.get("routing"), image_loss_weight=image_loss_weight)
 
 
 def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str, int] | None) -> float:
@@ -126,5 +132,5 @@ def libra_family() -> ModelFamily:
     return ModelFamily(
         name="libra", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
         run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops, vocab=_vocab, needs_vision=True,
-        build_vision=_build_vision,
+        build_vision=_build_vision, prepare_batch=_prepare_batch,
     )

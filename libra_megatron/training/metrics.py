@@ -64,32 +64,48 @@ class StepRecord:
         return out
 
 
-def reduce_step_losses(reports: List[Dict[str, torch.Tensor]], stats: BatchStats, num_microbatches: int,
-                       per_token: bool, dp_group: Any) -> tuple:
-    """On a last-stage rank: all-reduce loss sums/counts and token counts over DP (one collective, one copy to host).
+def pack_step_losses(reports: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """On a last-stage rank: one step's ``[sum, count]`` per loss key and the sum of per-micro-batch token means
+    of ``lm loss`` (the reference's objective), float64 ``[2 K + 1]`` on the loss device, without a host sync."""
+    parts = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS]) for r in reports])  # [M, K, 2]
+    objective = (parts[:, 0, 0] / parts[:, 0, 1].clamp_min(1.0)).sum()
+    return torch.cat([parts.sum(dim=0).flatten(), objective.view(1)])
 
-    Returns ``({key: mean loss}, BatchStats of the global batch)``. ``lm loss`` is the objective the optimizer
-    saw: the token mean over the global batch with ``--calculate-per-token-loss``, otherwise the mean of the
+
+def reduce_pending_losses(packed: List[torch.Tensor], stats: List[BatchStats], num_microbatches: int,
+                          per_token: bool, dp_group: Any) -> List[tuple]:
+    """Losses and global token counts of several steps: one all-reduce over DP and one copy to the host for all.
+
+    ``packed[i]`` is :func:`pack_step_losses` of step ``i``, ``stats[i]`` its local token counts. Returns per step
+    ``({key: mean loss}, BatchStats of the global batch)``. ``lm loss`` is the objective the optimizer saw: the
+    token mean over the global batch with ``--calculate-per-token-loss``, otherwise the mean of the
     per-micro-batch token means (the reference's normalisation). Text and image losses are token means.
     """
     import torch.distributed as dist
 
-    parts = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS]) for r in reports])  # [M, K, 2]
-    objective = (parts[:, 0, 0] / parts[:, 0, 1].clamp_min(1.0)).sum()
-    device = parts.device
-    packed = torch.cat([parts.sum(dim=0).flatten(), objective.view(1), stats.as_tensor().to(device)])
+    losses_part = torch.stack(packed)
+    counts = torch.stack([s.as_tensor() for s in stats]).to(losses_part.device)
+    rows = torch.cat([losses_part, counts], dim=1)
     dp = dist.get_world_size(dp_group)
     if dp > 1:
-        dist.all_reduce(packed, group=dp_group)
-    packed = packed.cpu()
-    losses = {}
-    for index, key in enumerate(LOSS_KEYS):
-        total, count = float(packed[2 * index]), float(packed[2 * index + 1])
-        losses[key] = total / count if count > 0 else 0.0
-    if not per_token:
-        losses["lm loss"] = float(packed[2 * len(LOSS_KEYS)]) / (num_microbatches * dp)
-    global_stats = BatchStats.from_tensor(packed[2 * len(LOSS_KEYS) + 1:])
-    return losses, global_stats
+        dist.all_reduce(rows, group=dp_group)
+    out = []
+    width = 2 * len(LOSS_KEYS)
+    for row in rows.cpu():
+        losses = {}
+        for index, key in enumerate(LOSS_KEYS):
+            total, count = float(row[2 * index]), float(row[2 * index + 1])
+            losses[key] = total / count if count > 0 else 0.0
+        if not per_token:
+            losses["lm loss"] = float(row[width]) / (num_microbatches * dp)
+        out.append((losses, BatchStats.from_tensor(row[width + 1:])))
+    return out
+
+
+def reduce_step_losses(reports: List[Dict[str, torch.Tensor]], stats: BatchStats, num_microbatches: int,
+                       per_token: bool, dp_group: Any) -> tuple:
+    """One step's :func:`reduce_pending_losses` (kept for callers that log every step)."""
+    return reduce_pending_losses([pack_step_losses(reports)], [stats], num_microbatches, per_token, dp_group)[0]
 
 
 class MetricsLogger:
@@ -111,8 +127,10 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
             self._metrics_file = open(args.metrics_file, "a", buffering=1)
 
-    def log(self, record: StepRecord, nonfinite: bool) -> None:
-        """Record one step: iteration line every ``--log-interval`` steps, TensorBoard, metrics file."""
+    def log(self, record: StepRecord, nonfinite: bool, timers: Optional[Dict[str, Any]] = None) -> None:
+        """Record one step: iteration line every ``--log-interval`` steps, TensorBoard, metrics file; ``timers``
+        (``{name: (min ms, max ms)}`` per iteration of the interval, see ``observability.py``) go after the line
+        as Megatron-LM's block and to TensorBoard as ``<name>-time`` (max over ranks)."""
         self._skipped += int(record.skipped)
         self._nan += int(nonfinite)
         if not self.active:
@@ -129,8 +147,14 @@ class MetricsLogger:
             self._metrics_file.write(json.dumps(record.as_json()) + "\n")
         if self.writer is not None:
             self._write_tensorboard(record)
-        if record.iteration % self.args.log_interval == 0:
+            for name, (_, high) in (timers or {}).items():
+                self.writer.add_scalar(f"{name}-time", high, record.iteration)
+        if record.iteration % self.args.log_interval == 0 or timers:
             print(self._iteration_line(), flush=True)
+            if timers:
+                from libra_megatron.training.observability import format_timer_block
+
+                print(format_timer_block(timers), flush=True)
             self._window = []
 
     def _write_tensorboard(self, record: StepRecord) -> None:

@@ -1,7 +1,9 @@
 """``--mock-data``: deterministic synthetic pretraining samples in the batch contract (no files needed).
 
 Sample ``i`` depends only on ``(seed, i)``: ``<s>``, one image span (``<boi>``, the patch codes, ``<eoi>``), ``\\n``,
-a caption of text ids, right padding. Labels follow docs/architecture.md#labels (image codes, ``<eoi>`` and the caption carry loss;
+a caption of text ids (1 to ``2 caption_tokens - 1`` of them, ``caption_tokens`` on average, like the short and
+varied LAION captions), right padding. Labels follow docs/architecture.md#labels (image codes, ``<eoi>`` and the
+caption carry loss;
 ``<s>``, ``<boi>``, ``\\n`` and padding do not), already shifted (Megatron convention). Rows have the layout of
 ``libra_megatron.data.dataset.LibraDataset`` rows (collated by its ``collate_batch``). The codes are a simple
 function of the pixels' mean colour and the caption repeats a colour word, so the task is learnable.
@@ -25,7 +27,7 @@ class MockPretrainDataset:
             raise ValueError(f"--seq-length {seq_length} cannot hold one image sample ({needed} positions + caption)")
         self.vocab, self.seq_length, self.seed = vocab, seq_length, seed
         self.image_size = image_size
-        self.caption_tokens = max(1, min(caption_tokens, seq_length - needed + 1))
+        self.max_caption_tokens = max(1, min(2 * caption_tokens - 1, seq_length - needed + 1))
 
     def __len__(self) -> int:
         return 2**62
@@ -40,7 +42,8 @@ class MockPretrainDataset:
         codes = torch.stack([codes, (codes * 3 + 1) % vocab.codebook_size])  # [2, P]
         image = vocab.image_span(codes)  # [2, P + 2]
         first_word = 3 + colour * 5
-        caption = first_word + torch.randint(0, 5, (self.caption_tokens,), generator=generator)
+        caption_tokens = int(torch.randint(1, self.max_caption_tokens + 1, (1,), generator=generator))
+        caption = first_word + torch.randint(0, 5, (caption_tokens,), generator=generator)
         caption = caption.clamp_max(vocab.text_vocab_size - 1)
         text_prefix = torch.tensor([vocab.bos_id])
         text_suffix = torch.cat([torch.tensor([vocab.newline_id]), caption])

@@ -53,7 +53,10 @@ def batch_stats(batch: Dict[str, torch.Tensor], vocab: Any) -> BatchStats:
     Packed rows: the positions with ``segment_ids > 0``, attention pairs counted per segment; unpacked rows: up to
     the last non-pad token. Causal attention: ``L (L + 1) / 2`` query-key pairs per sequence of length ``L``.
     """
-    vision = batch["vision_indices"] < vocab.text_vision_index
+    from libra_megatron.model.routing import vision_flag
+
+    routing = batch.get("routing")  # built by the family's prepare_batch: reuse its flag
+    vision = routing.is_vision if routing is not None else vision_flag(batch["vision_indices"], vocab)
     segments = batch.get("segment_ids")
     if segments is not None:
         valid = segments > 0
@@ -93,6 +96,9 @@ class ModelFamily:
         needs_vision: whether the first stage needs CLIP features from ``pixels``.
         build_vision: ``(args) -> callable(pixels uint8 [N,3,H,W]) -> clip features``: the frozen CLIP tower,
             built on first-stage ranks only (no grads, not in the optimizer).
+        prepare_batch: ``(config, device or None, batch) -> None``: called by the data streams once per host
+            micro-batch before it moves to the device (e.g. Libra builds and validates its routing there, shared
+            by every model chunk and the loss).
     """
 
     name: str
@@ -106,6 +112,7 @@ class ModelFamily:
     vocab: Callable[[argparse.Namespace], Any]
     needs_vision: bool = False
     build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
+    prepare_batch: Optional[Callable[[Any, Optional[torch.device], Dict[str, Any]], None]] = None
 
 
 def _gradient_accumulation_fusion(args: argparse.Namespace) -> bool:

@@ -93,7 +93,7 @@ def test_bad_sources_fail_before_writing(llama, tmp_path, capsys):
     tool = _tool()
     out = str(tmp_path / "never")
     assert tool.main(["hf-llama-to-engine", "--source", source, "--output", out, "--model", "libra-7b"]) == 2
-    assert "config.json: vocab_size=512 but the Libra model has vocab_size=32000" in capsys.readouterr().err
+    assert "text_vocab_size=32000 from --model libra-7b but 512 there" in capsys.readouterr().err
     assert tool.main(["hf-to-engine", "--source", source, "--output", out, "--model", "tiny"]) == 2
     assert "model_type is 'llama', expected 'libra'" in capsys.readouterr().err
     assert tool.main(["hf-llama-to-engine", "--source", source, "--output", out, "--model", "tiny",

@@ -1,11 +1,16 @@
-"""The layer's fused kernels against their PyTorch references: RoPE (Triton on GPU; skipped without CUDA) and the
-batched bridge GEMM."""
+"""The layer's fused kernels against their PyTorch references: RoPE, SwiGLU and the attention inputs (Triton; on CPU
+through Triton's interpreter, on GPU natively), the batched bridge GEMM, and the swappable attention core."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from libra_megatron.model.fusions import apply_rope, rope_reference
+from tests.model.helpers import make_batch
 
 
 def _tables(n: int, d: int, dtype=torch.float32, device="cpu"):
@@ -56,3 +61,71 @@ def test_triton_rope_matches_reference(dtype, heads: int, d: int) -> None:
     torch.testing.assert_close(xf.grad.float(), xr.grad, **tol)
     empty = apply_rope(x[:0], cos[:0], sin_signed[:0])
     assert empty.shape == (0, heads, d)
+
+
+def test_triton_kernels_match_references_in_the_interpreter() -> None:
+    """Every Triton kernel of the layer (attention inputs, SwiGLU, RoPE) against its reference, values and grads,
+    run by Triton's interpreter on CPU tensors (it must be switched on before triton is imported: a subprocess)."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "model", "fused_kernel_checks.py"), "cpu"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fused kernels match their references on cpu" in result.stdout
+
+
+def test_cpu_fallbacks_are_the_references() -> None:
+    from libra_megatron.model.fusions import swiglu, swiglu_fused, swiglu_reference
+
+    gate_up = torch.randn(5, 12)
+    assert torch.equal(swiglu_fused(gate_up), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
+    assert torch.equal(swiglu(gate_up[:, :6], gate_up[:, 6:]), swiglu_reference(gate_up[:, :6], gate_up[:, 6:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run natively on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_references_on_cuda(dtype) -> None:
+    from tests.model.fused_kernel_checks import check_attention_inputs, check_rope, check_swiglu
+
+    check_attention_inputs("cuda", dtype)
+    check_swiglu("cuda", dtype)
+    check_rope("cuda", dtype)
+
+
+def _swapped_core_outputs():
+    from megatron.core.transformer.spec_utils import build_module
+
+    from libra_megatron.model.core_attention import EagerCoreAttention, SDPACoreAttention
+    from libra_megatron.model.micro_batch import build_micro_batch_routing
+    from libra_megatron.model.specs import get_libra_layer_spec
+    from tests.model.helpers import tiny_config
+
+    config = tiny_config()
+    out = {}
+    for layout in ("bos_image_caption", "mixed_offsets"):  # segment plan (lower-right causal runs), index plan
+        batch = make_batch(layout)
+        routing = build_micro_batch_routing(config, batch["vision_indices"], batch["position_ids"])
+        torch.manual_seed(0)
+        stream = [torch.randn(n, config.hidden_size) for n in (routing.full.num_text, routing.full.num_vision)]
+        results = []
+        for core in (SDPACoreAttention, EagerCoreAttention):
+            torch.manual_seed(1)
+            layer = build_module(get_libra_layer_spec(core_attention=core), config=config, layer_number=1)
+            assert type(layer.self_attention.core_attention) is core
+            leaves = [t.clone().requires_grad_(True) for t in stream]
+            outs = layer(leaves, routing)
+            torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+            results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+        out[layout] = results
+    return out
+
+
+def test_core_attention_is_swappable_through_the_spec() -> None:
+    """The eager reference core, swapped in through the layer spec, gives the SDPA core's outputs and gradients."""
+    from tests.distributed import run_on_ranks
+
+    (out,) = run_on_ranks(_swapped_core_outputs, world_size=1)
+    for layout, (sdpa, eager) in out.items():
+        for a, b in zip(sdpa, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=layout)

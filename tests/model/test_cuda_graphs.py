@@ -1,0 +1,66 @@
+"""CUDA graphs of the layers (``config.layer_cuda_graphs``) give the eager step's loss and gradients, and only run
+where they are correct. The replay test needs a GPU (bench/gpu_check_layer.sh runs it); the applicability rules are
+checked on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_on_ranks
+from tests.model.helpers import make_batch
+
+
+def _graphed_vs_eager():
+    from tests.model.helpers import build_model, hf_weights, load_hf, local_grads, model_inputs, tiny_config, tiny_sizes
+
+    results = {}
+    batches = [make_batch("bos_image_caption", seed=s) for s in range(3)]  # same layout, different ids
+    for graphs in (False, True):
+        config = tiny_config(layer_cuda_graphs=graphs, use_cpu_initialization=True)
+        model = build_model(config)
+        load_hf(model, hf_weights(tiny_sizes()), config)
+        model = model.cuda()
+        model.set_training_stage("pretrain")
+        losses, grads = [], None
+        for batch in batches:  # the first call captures, the next ones replay
+            model.zero_grad()
+            inputs = {k: v.cuda() if isinstance(v, torch.Tensor) and k not in ("vision_indices", "segment_ids")
+                      else v for k, v in model_inputs(batch).items()}
+            loss = model(**inputs)
+            loss.sum().backward()
+            losses.append(loss.detach().cpu())
+            grads = {k: (n, g.cpu()) for k, (n, g) in local_grads(model, config).items()}
+        results[graphs] = (losses, grads, len(getattr(model.decoder, "_libra_layer_graphs", None).graphs)
+                           if graphs else 0)
+    return results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_matches_eager_on_cuda() -> None:
+    (results,) = run_on_ranks(_graphed_vs_eager, world_size=1)
+    (eager_losses, eager_grads, _), (graph_losses, graph_grads, captured) = results[False], results[True]
+    assert captured == 1  # one layout, one capture, replayed for the later micro-batches
+    for got, want in zip(graph_losses, eager_losses):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for key, (_, want) in eager_grads.items():
+        torch.testing.assert_close(graph_grads[key][1], want, rtol=1e-5, atol=1e-6)
+
+
+def _applicability():
+    from libra_megatron.model.cuda_graphs import LayerGraphs
+    from libra_megatron.model.micro_batch import build_micro_batch_routing
+    from tests.model.helpers import tiny_config
+
+    config = tiny_config(layer_cuda_graphs=True)
+    uniform = make_batch("bos_image_caption")
+    mixed = make_batch("mixed_offsets")
+    out = {}
+    for name, batch in (("uniform", uniform), ("mixed", mixed)):
+        routing = build_micro_batch_routing(config, batch["vision_indices"], batch["position_ids"])
+        out[name] = LayerGraphs.applicable(config, routing, torch.zeros(1), training=True)
+    return out
+
+
+def test_graphs_never_apply_on_cpu_or_to_mixed_layouts() -> None:
+    (out,) = run_on_ranks(_applicability, world_size=1)
+    assert out == {"uniform": False, "mixed": False}  # CPU tensors: always eager
