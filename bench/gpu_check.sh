@@ -87,6 +87,7 @@ section cuda-tests 120 $PY -m pytest tests -q -p no:cacheprovider -k "cuda or tr
 # ------------------------------------------------------------------------------------------------ train-step
 # The recipe step without recompute (keeps the Libra trace), then with full recompute (the memory estimate check).
 train_step() {
+    set -o pipefail
     local tag=$1
     shift
     $PY bench/train_step.py --recipe 7b --device cuda --warmup 2 --steps 3 --trace-dir "$SCRATCH/trace_$tag" "$@" \

@@ -40,6 +40,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     group.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
     group.add_argument("--recompute-num-layers", type=int, default=1)
+    group.add_argument("--layer-cuda-graphs", action="store_true",
+                       help="Libra: replay each stage's layers as CUDA graphs for micro-batches of a fixed layout "
+                            "(CUDA, TP=1, PP=1, no recompute, not with --overlap-param-gather; model/cuda_graphs.py)")
     group.add_argument("--image-tokenizer", default=None,
                        help="folder of the frozen image tokenizer (CLIP runs on the first pipeline stage), "
                             "or 'tiny:SEED' for the random tiny tokenizer of tests and the CPU demo")
@@ -298,6 +301,11 @@ def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: D
                                           "--sequence-parallel")
     if args.overlap_param_gather:
         _check(args.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
+    if getattr(args, "layer_cuda_graphs", False):  # where the captured graphs are correct (model/cuda_graphs.py)
+        _check(tp == 1 and pp == 1, "--layer-cuda-graphs needs --tensor- and --pipeline-model-parallel-size 1")
+        _check(args.recompute_granularity is None, "--layer-cuda-graphs does not combine with --recompute-granularity")
+        _check(not args.overlap_param_gather, "--layer-cuda-graphs does not combine with --overlap-param-gather "
+                                              "(its module hooks cannot be captured)")
 
 
 def _validate_batch(args: argparse.Namespace) -> None:

@@ -43,7 +43,8 @@ def _shape(args: argparse.Namespace) -> Dict[str, Any]:
 def _build_config(args: argparse.Namespace) -> Any:
     from libra_megatron.config import libra_config
 
-    return libra_config(None, **{**_preset_fields(args), **parallel_config_kwargs(args)})
+    return libra_config(None, **{**_preset_fields(args), **parallel_config_kwargs(args)},
+                        layer_cuda_graphs=bool(getattr(args, "layer_cuda_graphs", False)))
 
 
 def _vocab(args: argparse.Namespace) -> Any:

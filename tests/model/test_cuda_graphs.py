@@ -64,3 +64,24 @@ def _applicability():
 def test_graphs_never_apply_on_cpu_or_to_mixed_layouts() -> None:
     (out,) = run_on_ranks(_applicability, world_size=1)
     assert out == {"uniform": False, "mixed": False}  # CPU tensors: always eager
+
+
+def test_training_flag_reaches_the_config_and_bad_combinations_are_refused() -> None:
+    from libra_megatron.training.arguments import ConfigError, parse_args, validate_args
+    from libra_megatron.training.data_stream import dataset_files
+    from libra_megatron.training.families import get_family
+
+    def validated(*extra: str):
+        args = parse_args(["--model", "tiny", "--mock-data", "--image-tokenizer", "tiny", "--train-iters", "1",
+                           "--layer-cuda-graphs",
+                           *extra])
+        family = get_family(args.model_family)
+        return family, args, validate_args(args, 2, family.shape(args), dataset_files)
+
+    family, args, run = validated()
+    assert family.build_config(run).layer_cuda_graphs is True
+    for extra, message in [(("--tensor-model-parallel-size", "2"), "needs --tensor- and --pipeline"),
+                           (("--recompute-granularity", "full"), "does not combine with --recompute"),
+                           (("--use-distributed-optimizer", "--overlap-param-gather"), "--overlap-param-gather")]:
+        with pytest.raises(ConfigError, match=message):
+            validated(*extra)
