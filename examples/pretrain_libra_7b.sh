@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Libra-7B pretraining (Libra-Base recipe, docs/architecture.md#training-recipe) on megatron-core, multi-node torchrun.
 #
-#   On every node:  NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 \
+#   On every node:  NNODES=8 MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 \
 #                   DATA_PATH=/data/laion IMAGE_TOKENIZER=/ckpt/libra-vision-tokenizer \
 #                   PRETRAINED=/ckpt/llama-2-7b-chat-libra-engine  bash examples/pretrain_libra_7b.sh
 #   Plan on a CPU:  bash examples/pretrain_libra_7b.sh --dry-run
@@ -36,7 +36,6 @@ cd "${LIBRA_ROOT:-$(dirname "$0")/..}"
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-8}
-NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
@@ -110,11 +109,19 @@ for arg in "$@"; do
 done
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP communication ordering (megatron-core layers.py)
+# Fault tolerance (docs/design.md#training-faults): torchrun's elastic agent on every node meets the others at
+# the c10d rendezvous endpoint (a TCP store hosted by the agent on MASTER_ADDR; no etcd), and when any rank or node
+# dies it stops the whole group and restarts it, up to MAX_RESTARTS times. The restarted ranks resume from the
+# newest complete checkpoint in CHECKPOINT_DIR (--load), falling back past a broken one, so losses continue exactly.
+# Node ranks are assigned by the rendezvous; RDZV_ID must be the same on every node and new for every job.
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-libra-7b-pretrain}}
 DISTRIBUTED_ARGS=(
     --nproc_per_node "$GPUS_PER_NODE"
     --nnodes "$NNODES"
-    --node_rank "$NODE_RANK"
-    --master_addr "$MASTER_ADDR"
-    --master_port "$MASTER_PORT"
+    --rdzv-backend c10d
+    --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}"
+    --rdzv-id "$RDZV_ID"
+    --max-restarts "$MAX_RESTARTS"
 )
 exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"

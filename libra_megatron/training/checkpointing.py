@@ -9,7 +9,13 @@ Layout of ``--save``::
 A save writes into ``iter_N.partial`` on every rank, waits for all ranks, then rank 0 renames it to ``iter_N`` and
 only then rewrites the marker (write-to-temp + fsync + ``os.replace``). A kill at any point leaves the previous
 marker pointing at a complete checkpoint. With ``--keep-last-checkpoints K`` older ``iter_*`` folders are deleted
-after the marker moved.
+after the marker moved; only complete ones count and are deleted, so the cleanup never removes the newest complete
+checkpoint behind a broken one. A save that fails (a full disk: ``ENOSPC``) fails on every rank with one clear
+error and leaves the previous checkpoint and the marker untouched.
+
+At load, the newest checkpoint is checked first (:mod:`libra_megatron.training.checkpoint_integrity`): one with a
+truncated or missing shard is set aside as ``iter_N.broken`` (never used, never deleted) and training falls back,
+loudly, to the newest complete older checkpoint.
 
 What a checkpoint holds: the model chunks (global keys, so TP/PP/DP may change on load), the optimizer (the
 distributed optimizer in the ``fully_reshardable`` format, so its state reshards too), the LR scheduler, the
@@ -21,6 +27,7 @@ non-tensor parts as pickles, so load checkpoints you trust; untrusted weights co
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -32,6 +39,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from libra_megatron.training.checkpoint_integrity import checkpoint_problem, loud, set_aside_broken
 from libra_megatron.utils.megatron_compat import ensure_adam_state, load_optimizer_state, use_in_process_write_queue
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -90,22 +98,57 @@ def finished_iterations(root: str) -> List[int]:
     return sorted(found)
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(loud(message), file=sys.stderr, flush=True)
+
+
 def latest_checkpoint(root: str) -> Optional[str]:
-    """The folder the marker names; if the marker is missing, the newest finished ``iter_*`` folder; else None."""
+    """The newest *complete* checkpoint in ``root``: the one the marker names (or, without a marker, the newest
+    finished ``iter_*``), else -- loudly -- the newest complete older one; ``None`` when ``root`` holds none.
+    A broken checkpoint (truncated or missing shard) is set aside as ``iter_N.broken`` by rank 0, never used or
+    deleted, and the marker is moved to the fallback. Raises when checkpoints exist but none is complete."""
     if root is None or not os.path.isdir(root):
         return None
     tracker = os.path.join(root, TRACKER_FILENAME)
+    iterations = finished_iterations(root)
+    newest: Optional[int] = None
     if os.path.isfile(tracker):
         with open(tracker) as handle:
             text = handle.read().strip()
         if not text.isdigit():
             raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-        path = checkpoint_dir(root, int(text))
-        if not os.path.isfile(os.path.join(path, "metadata.json")):
-            raise FileNotFoundError(f"{tracker} names iteration {text} but {path} is missing or incomplete")
-        return path
-    iterations = finished_iterations(root)
-    return checkpoint_dir(root, iterations[-1]) if iterations else None
+        newest = int(text)
+    elif iterations:
+        newest = iterations[-1]
+    if newest is None:
+        return None
+    candidates = [newest] + [i for i in reversed(iterations) if i < newest]
+    problems: List[str] = []
+    for iteration in candidates:
+        path = checkpoint_dir(root, iteration)
+        problem = checkpoint_problem(path) if os.path.isdir(path) else "the folder is missing"
+        if problem is None:
+            if problems:
+                if _rank() == 0:
+                    _write_atomic(tracker, f"{iteration}\n")
+                _warn("CHECKPOINT FALLBACK: " + "; ".join(problems) + f". Resuming from the previous complete "
+                      f"checkpoint {path} instead (the broken one is kept, renamed *.broken, for inspection).")
+            return path
+        problems.append(f"{path} is BROKEN: {problem}")
+        if _rank() == 0 and os.path.isdir(path):
+            try:
+                set_aside_broken(path, problem)
+            except OSError:
+                pass  # another process set it aside already
+    raise RuntimeError(f"no complete checkpoint in {root}: " + "; ".join(problems))
 
 
 def _layout() -> Dict[str, int]:
@@ -209,16 +252,30 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
                  has_optimizer=optimizer is not None and not args.no_save_optim)
     content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
     use_in_process_write_queue()
-    dist_checkpointing.save(state, staging, content_metadata=content)
-    if rank == 0:
-        _write_atomic(os.path.join(staging, RUN_CONFIG_FILE), json.dumps(_args_summary(args), indent=1, sort_keys=True))
+    failure: Optional[BaseException] = None
+    _WRITE_ERRORS.clear()
+    _record_write_errors()
+    try:
+        dist_checkpointing.save(state, staging, content_metadata=content)
+        if rank == 0:
+            _write_atomic(os.path.join(staging, RUN_CONFIG_FILE),
+                          json.dumps(_args_summary(args), indent=1, sort_keys=True))
+    except (Exception, BaseException) as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        failure = exc  # every rank must learn of it (below) before anyone raises
     if args.overlap_param_gather:
         for chunk in model:
             chunk.enable_forward_pre_hook()
-    _barrier()
+    _agree_on_save(failure, root, staging, iteration)
     if rank == 0:
         if os.path.exists(final):  # an older save of the same iteration (e.g. re-run after a resume)
-            shutil.rmtree(final)
+            problem = checkpoint_problem(final)
+            if problem is None:
+                shutil.rmtree(final)
+            else:
+                _warn(f"{final} is BROKEN ({problem}): set aside as *.broken before saving iteration {iteration}")
+                set_aside_broken(final, problem)
         os.rename(staging, final)
         _fsync_dir(root)
         _write_atomic(os.path.join(root, TRACKER_FILENAME), f"{iteration}\n")
@@ -227,14 +284,81 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     return final
 
 
+_WRITE_ERRORS: List[BaseException] = []
+
+
+def _record_write_errors() -> None:
+    """Keep the shard writers' own exceptions: megatron-core's threaded writer reports a failed write only as
+    ``RuntimeError('... error: <class OSError>')``, losing the errno that tells a full disk apart."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.write_preloaded_data
+    if getattr(original, "libra_records_errors", False):
+        return
+
+    def write_preloaded_data(*args, **kwargs):
+        output = original(*args, **kwargs)
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], BaseException):
+            _WRITE_ERRORS.append(output[1])
+        return output
+
+    write_preloaded_data.libra_records_errors = True
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
+
+
+def _root_cause(failure: Optional[BaseException]) -> Optional[BaseException]:
+    """The writer's own exception if one was recorded, else the innermost exception of the chain."""
+    if _WRITE_ERRORS:
+        return _WRITE_ERRORS[0]
+    seen = failure
+    while seen is not None:
+        inner = seen.__cause__ or seen.__context__
+        if inner is None or inner is seen:
+            return seen
+        seen = inner
+    return None
+
+
+def _agree_on_save(failure: Optional[BaseException], root: str, staging: str, iteration: int) -> None:
+    """All ranks learn whether any rank failed to write its part; if so every rank raises one clear error, the
+    staging folder is removed and the marker (and the previous checkpoint) stay as they were."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()) == 0:
+        return
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
+    cause = _root_cause(failure) if failure is not None else None
+    _WRITE_ERRORS.clear()
+    full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    what = ("the disk is full (no space left on device)" if full else
+            f"{type(cause).__name__}: {cause}" if cause is not None else "another rank failed to write its part")
+    previous = None
+    tracker = os.path.join(root, TRACKER_FILENAME)
+    if os.path.isfile(tracker):
+        with open(tracker) as handle:
+            previous = checkpoint_dir(root, int(handle.read().strip() or 0))
+    raise RuntimeError(f"saving checkpoint iteration {iteration} into {root} failed: {what}. Nothing was committed: "
+                       + (f"the previous checkpoint {previous} is intact and will be resumed from" if previous else
+                          "no earlier checkpoint exists") + ("; free space and restart" if full else "")) from failure
+
+
 def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
+    """Remove killed saves' leftovers, then all but the newest ``keep_last`` *complete* checkpoints (``keep``, the
+    one just saved, included). Broken folders are never deleted (nor counted)."""
     for name in os.listdir(root):  # leftovers of killed saves (the current save was renamed already)
         if name.endswith(PARTIAL_SUFFIX):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last is None:
         return
-    iterations = [i for i in finished_iterations(root) if i != keep]
-    for iteration in iterations[: max(0, len(iterations) - (keep_last - 1))]:
+    complete = [i for i in finished_iterations(root) if i != keep
+                and checkpoint_problem(checkpoint_dir(root, i)) is None]
+    for iteration in complete[: max(0, len(complete) - (keep_last - 1))]:
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
@@ -262,6 +386,9 @@ def load_checkpoint(path: str, model: List[torch.nn.Module], optimizer: Any, sch
     from libra_megatron.training.distributed import print_rank_0
     from libra_megatron.training.model_family import unwrap_model
 
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is incomplete: {problem}")
     common = dist_checkpointing.load_common_state_dict(path)
     saved_layout, layout = common.get("layout", {}), _layout()
     same_grid = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp", "dp"))

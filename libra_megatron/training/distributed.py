@@ -46,8 +46,9 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+        timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=elastic_attempt_store(world_size, timeout))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -55,6 +56,21 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
+
+
+def elastic_attempt_store(world_size: int, timeout: datetime.timedelta):
+    """Under torchrun's elastic agent, a client of the agent's store with keys private to this restart attempt;
+    ``None`` otherwise (plain ``env://``). torch 2.13 hands restarted workers the agent's c10d rendezvous store
+    without an attempt prefix ("a new TCPStore for every retry" no longer holds), so a restarted group reads the
+    gloo addresses of the dead group and hangs in ``connectFullMesh`` (docs/design.md#training-faults)."""
+    import torch.distributed as dist
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/libra/attempt_{restart}", store)
 
 
 def free_port() -> int:
