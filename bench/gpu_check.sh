@@ -113,7 +113,7 @@ fi
 # Append below: `section NAME SECONDS COMMAND...` (output tail + verdict land in gpu_check.log). Keep the total under
 # ~8 minutes (this script's own sections take ~6; raise BUDGET only with the device-time owner's agreement) and
 # write at most 3 more files into $OUT. A section file of its own is sourced here (it may use `section`, $PY, $OUT).
-[ -f bench/gpu_check_evaluation.sh ] && source bench/gpu_check_evaluation.sh   # issue 12: eval throughput, metric tests
+[ -f bench/gpu_check_evaluation.sh ] && source bench/gpu_check_evaluation.sh   # issue 12: evaluation throughput (images/s)
 [ -f bench/gpu_check_optimizer.sh ] && source bench/gpu_check_optimizer.sh     # issue 10 (1-3): optimizer kernels bench
 
 echo "=== done in $(( $(date +%s) - START ))s; files in $OUT:" | tee -a "$LOG"
