@@ -87,6 +87,7 @@ section cuda-tests 120 $PY -m pytest tests -q -p no:cacheprovider -k "cuda or tr
 # ------------------------------------------------------------------------------------------------ train-step
 # The recipe step without recompute (keeps the Libra trace), then with full recompute (the memory estimate check).
 train_step() {
+    set -o pipefail
     local tag=$1
     shift
     $PY bench/train_step.py --recipe 7b --device cuda --warmup 2 --steps 3 --trace-dir "$SCRATCH/trace_$tag" "$@" \
@@ -112,7 +113,8 @@ fi
 # Append below: `section NAME SECONDS COMMAND...` (output tail + verdict land in gpu_check.log). Keep the total under
 # ~8 minutes (this script's own sections take ~6; raise BUDGET only with the device-time owner's agreement) and
 # write at most 3 more files into $OUT. A section file of its own is sourced here (it may use `section`, $PY, $OUT).
-[ -f bench/gpu_check_evaluation.sh ] && source bench/gpu_check_evaluation.sh   # issue 12: eval throughput, metric tests
+[ -f bench/gpu_check_evaluation.sh ] && source bench/gpu_check_evaluation.sh   # issue 12: evaluation throughput (images/s)
+[ -f bench/gpu_check_optimizer.sh ] && source bench/gpu_check_optimizer.sh     # issue 10 (1-3): optimizer kernels bench
 
 echo "=== done in $(( $(date +%s) - START ))s; files in $OUT:" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"

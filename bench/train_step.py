@@ -188,6 +188,8 @@ def run_case(case: Dict[str, Any], args: argparse.Namespace, extra: List[str]) -
         result.update(_profiled_step(trainer, args, args.warmup + args.steps + 1, args.trace_dir, name))
         if args.device == "cuda":
             result["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            # the dry run's total includes a 3 GB CUDA/NCCL margin that max_memory_allocated does not see
+            result["estimate_vs_peak"] = estimate["total"] / result["max_allocated_gb"] - 1.0
     except torch.OutOfMemoryError as error:
         result["error"] = f"out of memory: {str(error).splitlines()[0]}"
     finally:

@@ -198,7 +198,8 @@ if triton is not None:
 
 def _meta(heads: int, d: int) -> dict:
     block_d = triton.next_power_of_2(d)
-    return dict(D=d, HALF=d // 2, BLOCK_D=block_d, BLOCK_H=min(triton.next_power_of_2(heads), max(1, 2048 // block_d)))
+    # ~a dozen live [BLOCK_H, BLOCK_D] fp32 tiles per program: keep a tile at <= 1024 elements (register pressure)
+    return dict(D=d, HALF=d // 2, BLOCK_D=block_d, BLOCK_H=min(triton.next_power_of_2(heads), max(1, 1024 // block_d)))
 
 
 def _strides(qkv_text: Tensor, qkv_vision: Tensor, bridge_text: Tensor, bridge_vision: Tensor) -> list:

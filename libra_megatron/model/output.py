@@ -25,12 +25,13 @@ from torch import Tensor
 
 from libra_megatron.config import LibraConfig
 from libra_megatron.model.routing import ModalityRouting, vision_flag
+from libra_megatron.ops.wgrad_accum import linear
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
 
 
 def _text_logits(hidden: Tensor, weight: Tensor, vocab_start: int, text_vocab: int) -> Tensor:
     """This rank's vocab shard of the text logits (fp32), padded ids masked to −inf."""
-    logits = F.linear(copy_to_tensor_model_parallel_region(hidden), weight).float()
+    logits = linear(copy_to_tensor_model_parallel_region(hidden), weight).float()
     first_padded = text_vocab - vocab_start
     if first_padded < logits.shape[-1]:
         column = torch.arange(logits.shape[-1], device=logits.device)
@@ -53,7 +54,7 @@ def position_losses(
     loss_t = loss_t * valid_t
 
     K2, C = vocab.vision_vocab_size, vocab.num_codebooks
-    vision_logits = F.linear(hidden_vision, vision_weight).float().view(-1, C, K2)
+    vision_logits = linear(hidden_vision, vision_weight).float().view(-1, C, K2)
     valid_v = labels_vision != IGNORE_INDEX
     target_v = torch.where(valid_v, labels_vision - vocab.image_offset, torch.full_like(labels_vision, IGNORE_INDEX))
     ce = F.cross_entropy(vision_logits.reshape(-1, K2), target_v.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -72,7 +73,7 @@ def unified_logits(
     T, C, K2 = vocab.text_vocab_size, vocab.num_codebooks, vocab.vision_vocab_size
     text = gather_from_tensor_model_parallel_region(_text_logits(hidden_text, output_weight, vocab_start, T))[:, :T]
     text_rows = torch.cat([text, text.new_full((text.shape[0], K2), float("-inf"))], dim=-1)
-    vision = F.linear(hidden_vision, vision_weight).float().view(-1, C, K2).transpose(0, 1)  # [C, n_v, K2]
+    vision = linear(hidden_vision, vision_weight).float().view(-1, C, K2).transpose(0, 1)  # [C, n_v, K2]
     vision_rows = torch.cat([vision.new_full((C, vision.shape[1], T), float("-inf")), vision], dim=-1)
     return text_rows.unsqueeze(0).expand(C, -1, -1), vision_rows
 

@@ -1,8 +1,9 @@
 """Routed linears: the frozen LLaMA weight for text rows, the low-rank expert ``y = B(Ax)`` for vision rows.
 
 Weights live in megatron-core's own parallel layers (so init, TP attributes and ``sharded_state_dict`` are
-theirs) or in :class:`ReplicatedLinear`; the forward is a plain ``F.linear`` on the rows of one modality, with
-the tensor-parallel communication placed explicitly by the helpers below. Every helper takes *complete*
+theirs) or in :class:`ReplicatedLinear`; the forward is a plain ``F.linear`` on the rows of one modality (``linear``
+of ``ops/wgrad_accum.py``: under megatron DDP with gradient-accumulation fusion the weight gradient accumulates
+straight into ``main_grad``), with the tensor-parallel communication placed explicitly by the helpers below. Every helper takes *complete*
 activations (identical on all TP ranks) and returns complete activations, so text and vision paths can be
 merged row-wise without mixing partial and complete gradients.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -41,6 +41,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
+from libra_megatron.ops.wgrad_accum import linear, stacked_weight_grads
 
 
 def normal_init(std: float) -> Callable[[Tensor], Tensor]:
@@ -75,7 +76,7 @@ class ReplicatedLinear(MegatronModule):
                 init_method(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 def column_parallel(
@@ -113,12 +114,12 @@ def reduce_from_tp(x: Tensor) -> Tensor:
 
 def text_column(x: Tensor, weight: Tensor) -> Tensor:
     """Column role, text rows: complete ``x`` → this rank's output shard."""
-    return F.linear(copy_to_tp(x), weight)
+    return linear(copy_to_tp(x), weight)
 
 
 def text_row(x_shard: Tensor, weight: Tensor) -> Tensor:
     """Row role, text rows: this rank's input shard → complete output (h-wide all-reduce)."""
-    return reduce_from_tp(F.linear(x_shard, weight))
+    return reduce_from_tp(linear(x_shard, weight))
 
 
 def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
@@ -126,12 +127,12 @@ def expert_column_a(x: Tensor, weight_a: Tensor) -> Tensor:
 
     The copy after A all-reduces the r-wide gradient, so A's weight gradient and ``x``'s gradient are complete.
     """
-    return copy_to_tp(F.linear(x, weight_a))
+    return copy_to_tp(linear(x, weight_a))
 
 
 def expert_row(x_shard: Tensor, weight_a_shard: Tensor, weight_b: Tensor) -> Tensor:
     """Row role, vision rows: this rank's input shard → ``B · allreduce(A_shard x_shard)`` (r-wide all-reduce)."""
-    return F.linear(reduce_from_tp(F.linear(x_shard, weight_a_shard)), weight_b)
+    return linear(reduce_from_tp(linear(x_shard, weight_a_shard)), weight_b)
 
 
 def batched_b(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
@@ -163,7 +164,7 @@ class _ExpertB(torch.autograd.Function):
             outs.append(torch.bmm(_blocks(a, col, k, r), stack.transpose(1, 2)))
             stacks.append(stack)
             col, index = col + k * r, index + k
-        ctx.sizes = sizes
+        ctx.sizes, ctx.weights = sizes, weights  # the parameters: main_grad / fusion protocol (ops/wgrad_accum.py)
         ctx.save_for_backward(a, *stacks)
         return tuple(outs)
 
@@ -178,7 +179,7 @@ class _ExpertB(torch.autograd.Function):
             if need_a:
                 torch.bmm(grad, stack, out=_blocks(grad_a, col, k, r))
             if any(ctx.needs_input_grad[index:index + k]):
-                weight_grads += list(torch.bmm(grad.transpose(1, 2), _blocks(a, col, k, r)).unbind(0))
+                weight_grads += stacked_weight_grads(ctx.weights[index - 2:index - 2 + k], grad, _blocks(a, col, k, r))
             else:
                 weight_grads += [None] * k
             col, index = col + k * r, index + k

@@ -3,28 +3,29 @@
 Megatron DDP keeps one fp32 ``main_grad`` per trainable weight. Unfused, every backward GEMM writes a fresh
 (bf16) weight gradient that autograd hands to DDP's hook, which then runs ``main_grad.add_(grad)``: one extra
 launch, one extra read/write of the gradient and a temporary per weight and micro-batch. Fused, the GEMM itself
-accumulates: ``main_grad += grad_output^T @ input`` (beta = 1, fp32 accumulation), see ``docs/design.md``
-("Gradient-accumulation fusion").
+accumulates: ``main_grad += grad_output^T @ input`` (beta = 1, fp32 accumulation), see
+``docs/design.md#gradient-accumulation-fusion``.
 
 - :func:`wgrad_gemm_accum` — the op: cuBLAS with beta = 1 on CUDA (``csrc/wgrad_accum_cuda.cu``), ``addmm_`` on
   CPU (C++ or :func:`wgrad_gemm_accum_reference`, the PyTorch definition both are tested against).
 - :func:`install_megatron_module` — registers the op as the module ``fused_weight_gradient_mlp_cuda``
   (``wgrad_gemm_accum_fp32`` / ``wgrad_gemm_accum_fp16``, apex's API) so megatron-core's own linears use it
   when ``TransformerConfig.gradient_accumulation_fusion`` is on.
-- :func:`linear` / :func:`batched_linear` — what Libra's own trainable weights (routed experts, bridges, heads)
-  call instead of ``F.linear`` / a stacked ``bmm``. For a weight tagged by :func:`enable_wgrad_accumulation_fusion`
+- :func:`linear` / :func:`stacked_weight_grads` — what Libra's own trainable weights (routed experts, bridges,
+  heads) use instead of ``F.linear`` / the batched weight-gradient GEMM inside the model's own batched expert-B
+  autograd node. For a weight tagged by :func:`enable_wgrad_accumulation_fusion`
   that has a ``main_grad``, the backward accumulates into it and follows megatron's protocol: it sets
   ``weight.grad_added_to_main_grad = True`` and returns a dummy gradient (zeros under ``zero_out_wgrad``) so
   DDP's hook still fires on the main thread and skips its ``add_``. Untagged weights take plain ``F.linear``.
 
-Every use of a tagged weight must go through these two functions: megatron's hook ignores ``param.grad``
+Every use of a tagged weight must go through these functions: megatron's hook ignores ``param.grad``
 once ``grad_added_to_main_grad`` is set, so a gradient arriving through another path would be dropped.
 """
 from __future__ import annotations
 
 import sys
 import types
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,7 @@ def install_megatron_module() -> types.ModuleType:
 
 
 def enable_wgrad_accumulation_fusion(modules: Iterable[torch.nn.Module]) -> int:
-    """Tag every trainable parameter of ``modules`` so :func:`linear` / :func:`batched_linear` accumulate its
+    """Tag every trainable parameter of ``modules`` so :func:`linear` / :func:`stacked_weight_grads` accumulate its
     weight gradient into ``main_grad``; returns how many were tagged. Call before wrapping in megatron DDP."""
     tagged = 0
     for module in modules:
@@ -165,38 +166,10 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
-def _batched_forward(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
-    n, rank = a.shape[0], weights[0].shape[1]
-    return torch.bmm(a.view(n, len(weights), rank).transpose(0, 1), torch.stack(list(weights)).transpose(1, 2))
-
-
-class _BatchedLinearAccumulatingWgrad(torch.autograd.Function):
-    """:func:`batched_linear` whose weight gradients go straight into each weight's ``main_grad``."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, *weights: Tensor):  # type: ignore[override]
-        ctx.save_for_backward(a, *weights)
-        return _batched_forward(a, weights).unbind(0)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        a, *weights = ctx.saved_tensors
-        n, k, rank = a.shape[0], len(weights), weights[0].shape[1]
-        stacked = torch.stack(grads)  # [k, n, out]
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.bmm(stacked, torch.stack(weights)).transpose(0, 1).reshape(n, k * rank)
-        pieces = a.view(n, k, rank).unbind(1)
-        grad_ws = [
-            _weight_grad(w, piece, g) if ctx.needs_input_grad[1 + i] else None
-            for i, (w, piece, g) in enumerate(zip(weights, pieces, grads))
-        ]
-        return (grad_a, *grad_ws)
-
-
-def batched_linear(a: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, ...]:
-    """Several weights of equal shape ``[out, rank]`` in one batched GEMM: ``a = [a_1 ‖ … ‖ a_k]`` ``[n, k·rank]``
-    → ``(a_1 W_1^T, …, a_k W_k^T)``, each ``[n, out]``; weight gradients accumulated in place when tagged."""
-    if any(_fused(w) for w in weights):
-        return _BatchedLinearAccumulatingWgrad.apply(a, *weights)
-    return _batched_forward(a, weights).unbind(0)
+def stacked_weight_grads(weights: Sequence[Tensor], grad_output: Tensor, inputs: Tensor) -> List[Optional[Tensor]]:
+    """Gradients of k weights ``[out, r]`` from stacked ``grad_output [k, n, out]`` and ``inputs [k, n, r]`` (any
+    strides): one batched GEMM when none is fused, else each fused weight accumulated into its ``main_grad``
+    (megatron's protocol, as :func:`linear`) and the others computed alone. For custom batched-GEMM nodes."""
+    if not any(getattr(w, FUSION_ATTRIBUTE, False) and getattr(w, "main_grad", None) is not None for w in weights):
+        return list(torch.bmm(grad_output.transpose(1, 2), inputs).unbind(0))
+    return [_weight_grad(w, inputs[i], grad_output[i]) for i, w in enumerate(weights)]

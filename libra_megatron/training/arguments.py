@@ -81,6 +81,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adam-beta2", type=float, default=0.99)
     group.add_argument("--adam-eps", type=float, default=1e-8)
     group.add_argument("--clip-grad", type=float, default=1.0)
+    group.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
+                       help="compute weight gradients separately and add them to main_grad (default: the GEMM "
+                            "accumulates into main_grad in place, libra_megatron/ops/wgrad_accum.py)")
     group.add_argument("--calculate-per-token-loss", action="store_true",
                        help="normalise by the tokens of the whole global batch (default: mean of per-micro-batch "
                             "token means, as the Libra reference / HF Trainer does)")

@@ -19,11 +19,13 @@ The memory estimate per GPU (bf16 weights, fp32 grads, Adam with fp32 master wei
 * the last stage's fp32 logits of one micro-batch, the first stage's frozen CLIP tower (bf16) and its forward
   workspace, and a fixed 3 GB for the CUDA context, NCCL buffers and allocator fragmentation;
 * the optimizer step's workspace, which exists only while the activations are gone: torch's foreach AdamW (what
-  megatron-core builds without apex/TE) allocates ``sqrt(exp_avg_sq)`` for every parameter of a group at once,
-  4 B per trainable parameter (/DP with the distributed optimizer); a fused AdamW needs none.
+  megatron-core builds without apex/TE, and what the trainer ran before ``training/optimizer.py`` made it fused)
+  allocates ``sqrt(exp_avg_sq)`` for every parameter of a group at once, 4 B per trainable parameter (/DP with
+  the distributed optimizer); the fused AdamW the trainer now builds needs none.
   The peak is ``weights + grads + optimizer + CLIP weights + max(forward/backward working memory, optimizer step
-  workspace)``: under full recompute (activations ~1 GB at 7B) the optimizer step is the peak, which is why the
-  7B bench measured the same 101 GB with and without recompute (docs/design.md, "Training throughput").
+  workspace)``: with the foreach AdamW under full recompute (activations ~1 GB at 7B) the optimizer step was the
+  peak, which is why the 7B bench measured the same 101 GB with and without recompute (docs/design.md, "Training
+  throughput").
 The activation and logits terms assume every micro-batch is ``--seq-length`` long (an upper bound under dynamic
 padding). It is an estimate to choose a layout, not a guarantee; ``torch.cuda.max_memory_allocated`` in the training log is
 the measurement.
@@ -130,10 +132,11 @@ def _activation_bytes_per_token_layer(args: argparse.Namespace, config: Any) -> 
 
 
 def optimizer_step_workspace_bytes(args: argparse.Namespace) -> float:
-    """Bytes per trainable parameter (held by the rank) the optimizer's step allocates transiently: 4 for torch's
-    foreach AdamW (``torch._foreach_sqrt(exp_avg_sqs)``, one fp32 copy of every parameter of the group), 0 for a
-    fused AdamW (``args.fused_adam`` true: ``torch.optim.AdamW(fused=True)`` or an own multi-tensor kernel)."""
-    return 0.0 if getattr(args, "fused_adam", False) else 4.0
+    """Bytes per trainable parameter (held by the rank) the optimizer's step allocates transiently: 0 for the fused
+    AdamW the trainer builds (``training/optimizer.py``; apex/TE FusedAdam alike), 4 for torch's foreach AdamW
+    (``torch._foreach_sqrt(exp_avg_sqs)``, one fp32 copy of every parameter of the group) when ``args.fused_adam``
+    is explicitly False (planning a run of a build without the fused hook, e.g. the measured 101 GB)."""
+    return 4.0 if getattr(args, "fused_adam", True) is False else 0.0
 
 
 def estimate_memory(args: argparse.Namespace, config: Any, stage: int, params: int, trainable: int,

@@ -115,6 +115,18 @@ class ModelFamily:
     prepare_batch: Optional[Callable[[Any, Optional[torch.device], Dict[str, Any]], None]] = None
 
 
+def _gradient_accumulation_fusion(args: argparse.Namespace) -> bool:
+    """Whether weight gradients accumulate into ``main_grad`` inside the GEMM (``--no-gradient-accumulation-fusion``
+    turns it off). On, megatron's own linears need the ``fused_weight_gradient_mlp_cuda`` module: ours is
+    registered here, before any layer is built (``libra_megatron/ops/wgrad_accum.py``)."""
+    enabled = bool(getattr(args, "gradient_accumulation_fusion", False))
+    if enabled:
+        from libra_megatron.ops.wgrad_accum import install_megatron_module
+
+        install_megatron_module()
+    return enabled
+
+
 def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """TransformerConfig fields every family takes from the flags: layout, precision, recompute, loss mode."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -132,7 +144,7 @@ def parallel_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         calculate_per_token_loss=args.calculate_per_token_loss,
         use_cpu_initialization=on_cpu or getattr(args, "meta_device", False),
         perform_initialization=not getattr(args, "meta_device", False),
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=_gradient_accumulation_fusion(args),
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,

@@ -6,7 +6,8 @@
 - Parameters the stage does not train are frozen *before* DDP, so DDP's grad buffers and the optimizer (which only
   takes ``requires_grad`` parameters) cover exactly the trainable ones.
 - bf16: :class:`~megatron.core.transformer.module.Float16Module` and fp32 grad buffers / main params.
-- AdamW through ``get_megatron_optimizer``: megatron's standard overrides give weight decay multiplier 0 to every
+- AdamW through ``get_megatron_optimizer`` (fused, with device-side grad clipping: ``training/optimizer.py``):
+  megatron's standard overrides give weight decay multiplier 0 to every
   1-D parameter (all norm weights) and every ``*.bias`` — the reference's "no decay on norms and biases".
 - Cosine (or linear/constant) decay with linear warmup via ``OptimizerParamScheduler``, stepped in samples like
   Megatron-LM so the schedule is independent of the batch layout.
@@ -18,7 +19,9 @@ from typing import Any, List, Tuple
 
 import torch
 
+from libra_megatron.ops.wgrad_accum import enable_wgrad_accumulation_fusion
 from libra_megatron.training.model_family import ModelFamily
+from libra_megatron.training.optimizer import fused_optimizer_kernels
 
 
 def build_model_chunks(family: ModelFamily, args: argparse.Namespace, config: Any) -> List[torch.nn.Module]:
@@ -41,6 +44,8 @@ def build_model_chunks(family: ModelFamily, args: argparse.Namespace, config: An
         chunks.append(chunk)
     if args.device == "cuda":
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if getattr(config, "gradient_accumulation_fusion", False):  # Libra's own weights too (ops/wgrad_accum.py)
+        enable_wgrad_accumulation_fusion(chunks)
     return chunks
 
 
@@ -96,7 +101,8 @@ def build_optimizer(model: List[torch.nn.Module], args: argparse.Namespace) -> A
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_param_gather=args.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(optimizer_config, model)
+    with fused_optimizer_kernels():  # fused AdamW + device-side grad norm/clip (libra_megatron/training/optimizer.py)
+        optimizer = get_megatron_optimizer(optimizer_config, model)
     get_model_config(model[0]).grad_scale_func = optimizer.scale_loss
     return optimizer
 
