@@ -52,14 +52,16 @@ def read_image_file(paths: Sequence[str], root: str, max_bytes: int) -> bytes:
         except OSError as exc:
             raise SampleError("unreadable_image", f"{path}: {exc.strerror or exc}") from exc
         try:
-            _check_regular(path, os.fstat(fd), max_bytes)  # the file that was opened, not the one stat saw
-            chunks, remaining = [], max_bytes + 1
-            while remaining > 0:
-                chunk = os.read(fd, min(remaining, 1 << 20))
+            info = os.fstat(fd)
+            _check_regular(path, info, max_bytes)  # the file that was opened, not the one stat saw
+            chunks = [os.read(fd, info.st_size + 1)]  # one read of the known size (a short read is the end)
+            total = len(chunks[0])
+            while total > info.st_size and total <= max_bytes:  # it grew after the stat: read on, bounded
+                chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
                 if not chunk:
                     break
                 chunks.append(chunk)
-                remaining -= len(chunk)
+                total += len(chunk)
         except OSError as exc:
             raise SampleError("unreadable_image", f"{path}: {exc.strerror or exc}") from exc
         finally:
