@@ -172,7 +172,7 @@ def run_case(case: Dict[str, Any], args: argparse.Namespace, extra: List[str]) -
             if index >= args.warmup:
                 steps.append({"step_s": wall, "fb_s": times["forward-backward"][1] / 1e3,
                               "opt_s": times["optimizer"][1] / 1e3, "data_s": times["batch-generator"][1] / 1e3,
-                              "flops": family.model_flops(train_args, config, stats), "skipped": outcome.skipped,
+                              "flops": trainer.step_flops(stats), "skipped": outcome.skipped,
                               "tokens": stats.text_tokens + stats.image_tokens})
         step = statistics.median(s["step_s"] for s in steps)
         fb = statistics.median(s["fb_s"] for s in steps)

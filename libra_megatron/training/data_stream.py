@@ -66,11 +66,21 @@ def _blended_dataset(args: argparse.Namespace, blend: List[Tuple[float, str]], n
     return LibraDataset(config, vocab=vocab)
 
 
+TRAIN_EXHAUSTED = "the dataset ran out of samples (it holds --train-iters x --global-batch-size)"
+
+
 class MicroBatchStream:
-    """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index."""
+    """Micro-batches of this DP rank, step by step, from a dataset indexed by global sample index (the training
+    stream, and under :class:`~libra_megatron.training.evaluation.ValidationStream` the validation one).
+
+    ``loader_seed`` gives the DataLoader its own generator for the workers' base seed (otherwise it draws from the
+    global torch RNG, as the training stream does); ``start=False`` defers the first iterator to the first step.
+    """
 
     def __init__(self, dataset: Any, total_samples: int, args: argparse.Namespace, consumed_samples: int,
-                 dp_rank: int, dp_size: int, vocab: Any, prepare: Optional[Callable[[Dict], None]] = None) -> None:
+                 dp_rank: int, dp_size: int, vocab: Any, prepare: Optional[Callable[[Dict], None]] = None, *,
+                 prefetch_factor: int = 4, loader_seed: Optional[int] = None, start: bool = True,
+                 exhausted: str = TRAIN_EXHAUSTED) -> None:
         from libra_megatron.data.dataset import ResumableBatchSampler
         from libra_megatron.training.padding import build_collate
 
@@ -84,10 +94,16 @@ class MicroBatchStream:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, collate_fn=build_collate(args, vocab),
             pin_memory=args.device == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+            generator=torch.Generator().manual_seed(loader_seed) if loader_seed is not None else None,
         )
-        self._iterator = iter(self.loader)
+        self.exhausted = exhausted
+        self._iterator = iter(self.loader) if start else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
+
+    def restart(self) -> None:
+        """Continue from the sampler's first sample again (the validation stream, at every evaluation)."""
+        self._iterator = iter(self.loader)
 
     def next_step(self) -> Tuple[List[Dict[str, torch.Tensor]], Any]:
         """The ``num_microbatches`` micro-batches of the next step (on the training device) and their token counts
@@ -96,10 +112,12 @@ class MicroBatchStream:
         from libra_megatron.training.model_family import BatchStats, batch_stats
         from libra_megatron.training.padding import align_step
 
+        if self._iterator is None:
+            self.restart()
         try:
             batches = [next(self._iterator) for _ in range(self.num_microbatches)]
         except StopIteration:
-            raise RuntimeError("the dataset ran out of samples (it holds --train-iters x --global-batch-size)")
+            raise RuntimeError(self.exhausted)
         batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
         stats = BatchStats()
         for batch in batches:

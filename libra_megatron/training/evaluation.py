@@ -33,45 +33,22 @@ class ValidationStream:
     """
 
     def __init__(self, dataset: Any, num_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
-                 vocab: Any = None, prepare: Optional[Callable[[Dict], None]] = None) -> None:
-        from libra_megatron.data.dataset import ResumableBatchSampler, collate_batch
-        from libra_megatron.training.padding import build_collate
+                 vocab: Any, prepare: Optional[Callable[[Dict], None]] = None) -> None:
+        from libra_megatron.training.data_stream import MicroBatchStream
 
-        self.prepare = prepare  # per host micro-batch (ModelFamily.prepare_batch)
-        self.eval_iters, self.num_microbatches = args.eval_iters, args.num_microbatches
-        sampler = ResumableBatchSampler(num_samples, 0, args.micro_batch_size, dp_rank, dp_size)
-        workers = args.num_workers
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers,
-            collate_fn=build_collate(args, vocab) if vocab is not None else collate_batch,
-            pin_memory=args.device == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=2 if workers > 0 else None,
-            # DataLoader draws its worker base seed from this generator (default: the global torch RNG, which
-            # would shift the training stream at every evaluation).
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        self.device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
-        self.vocab, self.pipeline_parallel = vocab, args.pipeline_model_parallel_size
+        self.eval_iters = args.eval_iters
+        # its own loader generator: the DataLoader would otherwise draw its worker base seed from the global torch
+        # RNG and shift the training stream at every evaluation
+        self.stream = MicroBatchStream(
+            dataset, num_samples, args, 0, dp_rank, dp_size, vocab, prepare, prefetch_factor=2,
+            loader_seed=args.seed, start=False,
+            exhausted="the validation dataset ran out of samples (it holds --eval-iters x --global-batch-size)")
 
     def batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """``eval_iters`` lists of ``num_microbatches`` micro-batches (on the training device), from sample 0."""
-        from libra_megatron.training.data_stream import to_device
-        from libra_megatron.training.padding import align_step
-
-        iterator = iter(self.loader)
+        self.stream.restart()
         for _ in range(self.eval_iters):
-            try:
-                batches = [next(iterator) for _ in range(self.num_microbatches)]
-            except StopIteration:
-                raise RuntimeError("the validation dataset ran out of samples (it holds --eval-iters x "
-                                   "--global-batch-size)")
-            if self.vocab is not None:
-                batches, _ = align_step(batches, self.vocab, self.pipeline_parallel)  # before the routing is built
-            for batch in batches if self.prepare is not None else ():
-                self.prepare(batch)
-            if self.device is not None:
-                batches = [to_device(batch, self.device) for batch in batches]
-            yield batches
+            yield self.stream.next_step()[0]
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ samples (``segment_ids``) are refused: GPTModel's RoPE does not restart position
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -82,20 +82,22 @@ def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: An
     return loss_sum, count, {"lm loss": total, "text loss": total.clone(), "image loss": zero}
 
 
-def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
+def _flops_counter(args: argparse.Namespace, config: Any) -> Callable[[BatchStats], float]:
     """6N per token for the layers and the head (all trainable); 3 x 4d per causal query-key pair per layer."""
     h, layers, ffn = config.hidden_size, config.num_layers, config.ffn_hidden_size
-    per_layer = 4 * h * h + 3 * h * ffn
-    head = h * _preset(args)["vocab"].total_vocab_size
-    tokens = stats.text_tokens + stats.image_tokens
-    attention = 3.0 * 4.0 * h * stats.attention_pairs * layers  # forward QK^T + PV: 4d FLOPs per pair; backward 2x
-    return 6.0 * tokens * (layers * per_layer + head) + attention
+    per_token = 6.0 * (layers * (4 * h * h + 3 * h * ffn) + h * _preset(args)["vocab"].total_vocab_size)
+    per_pair = 3.0 * 4.0 * h * layers  # forward QK^T + PV: 4d FLOPs per pair; backward 2x
+
+    def step_flops(stats: BatchStats) -> float:
+        return per_token * (stats.text_tokens + stats.image_tokens) + per_pair * stats.attention_pairs
+
+    return step_flops
 
 
 def gpt_family() -> ModelFamily:
     """The dense GPT baseline family."""
     return ModelFamily(
         name="gpt", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
-        run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops,
+        run_model=_run_model, reduce_loss=_reduce_loss, flops_counter=_flops_counter,
         vocab=lambda args: _preset(args)["vocab"], needs_vision=False,
     )

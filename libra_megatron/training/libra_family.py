@@ -20,7 +20,8 @@ Activation recompute is not counted (model FLOPs, as Megatron-LM's MFU).
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -94,32 +95,54 @@ def _reduce_loss(output: torch.Tensor, batch: Dict[str, torch.Tensor], vocab: An
                                 routing=batch.get("routing"), image_loss_weight=image_loss_weight)
 
 
-def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Dict[str, int] | None) -> float:
+@dataclass(frozen=True)
+class LibraStepFlops:
+    """Model FLOPs of one Libra training step (forward + backward) on the tokens of a :class:`BatchStats`.
+
+    The per-token and per-pair constants are computed once per run from the model config, the stage (the LLaMA
+    weights train, 6N, only in ``instruct``; frozen they cost 4N) and the frozen CLIP tower's geometry.
+    """
+
+    text_per_token: float
+    image_per_token: float
+    per_pair: float
+    clip: Optional[Dict[str, int]] = None
+
+    @classmethod
+    def for_run(cls, config: Any, stage: str, clip: Optional[Dict[str, int]]) -> "LibraStepFlops":
+        """The constants of a run (``clip``: ``vision.clip_geometry`` of its image tokenizer, or None)."""
+        h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
+        ra, rf, rb = h // config.vision_down_ratio, f // config.vision_down_ratio, config.bridge_rank
+        text_mult = 6.0 if stage == "instruct" else 4.0  # the LLaMA weights train only in instruct
+        text_layer = 4 * h * h + 3 * h * f
+        vision_layer = 4 * (h * ra + ra * h) + 2 * (h * rf + rf * f) + (f * ra + ra * h)
+        bridge_layer = 2 * (h * rb + rb * h)  # the K and V bridge of the token's own modality
+        text = layers * (text_mult * text_layer + 6.0 * bridge_layer) + text_mult * h * config.text_vocab_size
+        image = (layers * (6.0 * vision_layer + 6.0 * bridge_layer)
+                 + 6.0 * (h + config.clip_feature_size) * h  # hybrid input projection
+                 + 6.0 * h * config.num_codebooks * (config.codebook_size + 2))
+        return cls(float(text), float(image), layers * 3.0 * 4.0 * h, clip)
+
+    def __call__(self, stats: BatchStats) -> float:
+        from libra_megatron.training.vision import clip_forward_flops
+
+        flops = (self.text_per_token * stats.text_tokens + self.image_per_token * stats.image_tokens
+                 + self.per_pair * stats.attention_pairs)
+        if self.clip is not None:
+            flops += clip_forward_flops(self.clip, stats.images)
+        return flops
+
+
+def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Optional[Dict[str, int]]) -> float:
     """Model FLOPs of one training step (forward + backward) of Libra on the tokens of ``stats``."""
-    from libra_megatron.training.vision import clip_forward_flops
-
-    h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
-    ra, rf, rb = h // config.vision_down_ratio, f // config.vision_down_ratio, config.bridge_rank
-    text_mult = 6.0 if stage == "instruct" else 4.0  # the LLaMA weights train only in instruct
-    text_layer = 4 * h * h + 3 * h * f
-    vision_layer = 4 * (h * ra + ra * h) + 2 * (h * rf + rf * f) + (f * ra + ra * h)
-    bridge_layer = 2 * (h * rb + rb * h)  # the K and V bridge of the token's own modality
-    text, image = float(stats.text_tokens), float(stats.image_tokens)
-    flops = layers * (text_mult * text * text_layer + 6.0 * image * vision_layer + 6.0 * (text + image) * bridge_layer)
-    flops += layers * 3.0 * 4.0 * h * stats.attention_pairs
-    flops += 6.0 * image * (h + config.clip_feature_size) * h  # hybrid input projection
-    flops += text_mult * text * h * config.text_vocab_size + 6.0 * image * h * config.num_codebooks * (
-        config.codebook_size + 2)
-    if clip is not None:
-        flops += clip_forward_flops(clip, stats.images)
-    return flops
+    return LibraStepFlops.for_run(config, stage, clip)(stats)
 
 
-def _model_flops(args: argparse.Namespace, config: Any, stats: BatchStats) -> float:
+def _flops_counter(args: argparse.Namespace, config: Any) -> LibraStepFlops:
     from libra_megatron.training.vision import clip_geometry
 
-    geometry = clip_geometry(args.image_tokenizer) if args.image_tokenizer else None
-    return libra_step_flops(config, stats, args.stage, geometry)
+    return LibraStepFlops.for_run(config, args.stage, clip_geometry(args.image_tokenizer) if args.image_tokenizer
+                                  else None)
 
 
 def _build_vision(args: argparse.Namespace) -> Any:
@@ -132,6 +155,6 @@ def libra_family() -> ModelFamily:
     """The Libra family (the default ``--model-family``)."""
     return ModelFamily(
         name="libra", shape=_shape, build_config=_build_config, provider=_provider, set_trainable=_set_trainable,
-        run_model=_run_model, reduce_loss=_reduce_loss, model_flops=_model_flops, vocab=_vocab, needs_vision=True,
+        run_model=_run_model, reduce_loss=_reduce_loss, flops_counter=_flops_counter, vocab=_vocab, needs_vision=True,
         build_vision=_build_vision, prepare_batch=_prepare_batch,
     )

@@ -160,6 +160,7 @@ class Trainer:
         initialize_distributed(args)
         set_seeds(args.seed)
         self.config = family.build_config(args)
+        self.step_flops = family.flops_counter(args, self.config)
         chunks = build_model_chunks(family, args, self.config)
         self.model = wrap_model_chunks(chunks, args, self.config)
         self.optimizer = build_optimizer(self.model, args)
@@ -346,7 +347,7 @@ class Trainer:
             record = StepRecord(
                 iteration=step.iteration, consumed_samples=step.consumed, losses=step.losses, lr=step.lr,
                 grad_norm=step.grad_norm, skipped=step.outcome.skipped, step_time_s=step.step_time_s,
-                model_tflops=self.family.model_flops(args, self.config, step.global_stats) / 1e12,
+                model_tflops=self.step_flops(step.global_stats) / 1e12,
                 tokens=step.global_stats.text_tokens + step.global_stats.image_tokens,
                 samples=args.global_batch_size, extra=step.extra,
             )

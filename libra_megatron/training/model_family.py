@@ -90,8 +90,9 @@ class ModelFamily:
             last stage).
         reduce_loss: ``(output, batch, vocab, image_loss_weight) -> (loss_sum, num_tokens, {key: [sum, count]})``
             for ``LOSS_KEYS`` (the report unweighted).
-        model_flops: ``(args, config, BatchStats) -> float``: model FLOPs of one training step on those tokens
-            (forward + backward, frozen weights counted 4N, trainable 6N, frozen CLIP forward 2N).
+        flops_counter: ``(args, config) -> (BatchStats -> float)``, built once per run: model FLOPs of one training
+            step on those tokens (forward + backward, frozen weights counted 4N, trainable 6N, frozen CLIP forward
+            2N); the per-token constants live on the counter.
         vocab: the ``LibraVocab`` of the batches the model reads.
         needs_vision: whether the first stage needs CLIP features from ``pixels``.
         build_vision: ``(args) -> callable(pixels uint8 [N,3,H,W]) -> clip features``: the frozen CLIP tower,
@@ -108,7 +109,7 @@ class ModelFamily:
     set_trainable: Callable[[torch.nn.Module, str], None]
     run_model: Callable[..., torch.Tensor]
     reduce_loss: Callable[..., Tuple[torch.Tensor, torch.Tensor, Dict]]
-    model_flops: Callable[[argparse.Namespace, Any, BatchStats], float]
+    flops_counter: Callable[[argparse.Namespace, Any], Callable[[BatchStats], float]]
     vocab: Callable[[argparse.Namespace], Any]
     needs_vision: bool = False
     build_vision: Optional[Callable[[argparse.Namespace], Callable[[torch.Tensor], torch.Tensor]]] = None
