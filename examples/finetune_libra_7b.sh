@@ -140,11 +140,16 @@ if [ ! -f "${DATA_PATH}.json" ]; then      # the sidecar is written last: its pr
 fi
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP communication ordering (megatron-core layers.py)
+# as examples/pretrain_libra_7b.sh: c10d rendezvous (ranks assigned by it), the whole group restarted up to
+# MAX_RESTARTS times if a worker dies (each restart resumes from the latest checkpoint)
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-libra-7b-instruct}}
 DISTRIBUTED_ARGS=(
     --nproc_per_node "$GPUS_PER_NODE"
     --nnodes "$NNODES"
-    --node_rank "$NODE_RANK"
-    --master_addr "$MASTER_ADDR"
-    --master_port "$MASTER_PORT"
+    --rdzv-backend c10d
+    --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}"
+    --rdzv-id "$RDZV_ID"
+    --max-restarts "$MAX_RESTARTS"
 )
 exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"

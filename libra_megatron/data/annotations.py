@@ -129,8 +129,8 @@ def json_entries(path: str) -> List[Tuple[int, Any, Optional[str]]]:
         try:
             entry, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"cannot read annotation file {path!r}: invalid JSON at line {line + text.count(chr(10), counted, exc.pos)} "
-                             f"({exc.msg})") from exc
+            bad_line = line + text.count("\n", counted, exc.pos)
+            raise ValueError(f"cannot read annotation file {path!r}: invalid JSON at line {bad_line} ({exc.msg})") from exc
         error = f"line {line}: entry holds bytes that are not UTF-8" if _surrogates(entry) else None
         entries.append((line, entry, error))
         position = _skip_space(text, position)
