@@ -148,7 +148,8 @@ class EngineCaptioner:
                          torch.full((len(self.after),), vocab.text_vision_index)])
         return {"tokens": tokens, "vision_indices": vis.expand(n, -1).clone()}
 
-    def _micro_batches(self, tokens: torch.Tensor, vision_indices: torch.Tensor, length: int):
+    def _micro_batches(self, tokens: torch.Tensor, vision_indices: torch.Tensor, length: int, start: int = 0,
+                       with_features: bool = True):
         args, vocab = self.args, self.vocab
         tp = args.tensor_model_parallel_size
         padded = length if not args.sequence_parallel else -(-length // tp) * tp
@@ -157,18 +158,18 @@ class EngineCaptioner:
         if pad:
             tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], n, pad), vocab.pad_id)], dim=2)
             vision_indices = torch.cat([vision_indices, vision_indices.new_full((n, pad), vocab.text_vision_index)], 1)
-        positions = torch.arange(padded).expand(n, -1)
+        positions = torch.arange(start, start + padded).expand(n, -1)
         batches = []
         for start in range(0, n, mbs):  # p2p shapes are static: the last micro-batch repeats its last row
             rows = torch.arange(start, start + mbs).clamp(max=n - 1)
             batch = {"tokens": tokens[:, rows], "vision_indices": vision_indices[rows], "position_ids": positions[rows],
                      "last": length - 1}
-            if self.features is not None:
+            if self.features is not None and with_features:
                 batch["clip_features"] = self.features[rows]
             batches.append({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         vpp = args.virtual_pipeline_model_parallel_size
         while vpp and len(batches) % args.pipeline_model_parallel_size:  # interleaving needs whole rounds
-            batches.append(batches[-1])
+            batches.append(dict(batches[-1]))  # its own dict: a KV cache per micro-batch
         return batches, padded
 
     def _next_tokens(self, model: List[torch.nn.Module], batches: List[Dict], seq_length: int) -> Optional[torch.Tensor]:
@@ -181,7 +182,7 @@ class EngineCaptioner:
         def forward_step(iterator, chunk):
             batch = next(iterator)
             out = chunk(batch["tokens"], batch["vision_indices"], batch["position_ids"], labels=None,
-                        clip_features=batch.get("clip_features"))
+                        clip_features=batch.get("clip_features"), kv_cache=batch.get("kv_cache"))
 
             def keep_last(output, non_loss_data=False):
                 return output[0, :, batch["last"], :text_vocab].argmax(dim=-1)
@@ -197,10 +198,32 @@ class EngineCaptioner:
             return None
         return torch.cat(list(data))[: len(self.items)]
 
+    def _step_batches(self, tokens: torch.Tensor, vision_indices: torch.Tensor, caches: Optional[List[Any]]):
+        """The micro-batches of the next greedy step: the whole sequence (no cache), the prompt (prefill, a fresh
+        KV cache per micro-batch) or the last token alone at its position (decode, ``[1 (or TP under SP), rows]``,
+        padding after it is invisible to it and never cached)."""
+        from libra_megatron.model.kv_cache import LibraKVCache
+
+        length = tokens.shape[2]
+        if caches is None:
+            return self._micro_batches(tokens, vision_indices, length)
+        prefill = not caches
+        if prefill:
+            batches, padded = self._micro_batches(tokens, vision_indices, length)
+            caches.extend(LibraKVCache() for _ in batches)
+        else:
+            batches, padded = self._micro_batches(tokens[:, :, -1:], vision_indices[:, -1:], 1, start=length - 1,
+                                                  with_features=False)
+        for batch, cache in zip(batches, caches):
+            cache.keep = length if prefill else 1
+            batch["kv_cache"] = cache
+        return batches, padded
+
     @torch.no_grad()
-    def generate(self, model: List[torch.nn.Module]) -> List[List[int]]:
+    def generate(self, model: List[torch.nn.Module], kv_cache: bool = True) -> List[List[int]]:
         """Greedy new text ids of this DP rank's images (up to and without ``</s>``), the same on every rank of the
-        model-parallel group. Collective over the pipeline group; run it under :func:`inference_guard`."""
+        model-parallel group. Collective over the pipeline group; run it under :func:`inference_guard`.
+        ``kv_cache=False``: every step reruns the whole sequence (the reference the cached path is tested against)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -213,9 +236,9 @@ class EngineCaptioner:
         new: List[List[int]] = [[] for _ in range(n)]
         group = ps.get_pipeline_model_parallel_group()
         last_rank = ps.get_pipeline_model_parallel_last_rank()
+        caches: Optional[List[Any]] = [] if kv_cache else None
         for _ in range(self.args.eval_captioning_max_new_tokens):
-            length = tokens.shape[2]
-            batches, padded = self._micro_batches(tokens, vision_indices, length)
+            batches, padded = self._step_batches(tokens, vision_indices, caches)
             chosen = self._next_tokens(model, batches, padded)
             step = chosen.to(self.device) if chosen is not None else torch.zeros(n, dtype=torch.long, device=self.device)
             if ps.get_pipeline_model_parallel_world_size() > 1:

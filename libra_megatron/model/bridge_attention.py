@@ -111,7 +111,11 @@ class LibraBridgeAttention(MegatronModule):
             (self.vision_q_b.weight, self.vision_k_b.weight, self.vision_v_b.weight),
             (self.vision_bridge_k_b.weight, self.vision_bridge_v_b.weight)])
         qkv_v, bridge_v = qkv_v.view(3, n_vision, heads, d), bridge_v.view(2, n_vision, heads, d)
-        core = self._segment_attention if routing.uniform else self._index_attention
+        cache = routing.kv_cache
+        if cache is not None and cache.has(self.layer_number):
+            core = self._decode_attention  # incremental decoding: text queries over the cached text key set
+        else:
+            core = self._segment_attention if routing.uniform else self._index_attention
         args = (qkv_t, qkv_v, bridge_t, bridge_v)
         if self.checkpoint_core:
             o_t, o_v = tensor_parallel.checkpoint(lambda *a: core(routing, *a), False, *args)
@@ -141,8 +145,12 @@ class LibraBridgeAttention(MegatronModule):
         # each key/value set in sequence order, as far as a query run of its modality reaches: text queries see
         # vision keys bridged, vision queries see text keys bridged
         needed = {m: max([t1 * b for (_, t1, v) in segments if v == m], default=0) for m in (False, True)}
+        if routing.kv_cache is not None:  # prefill: the whole text key set goes to the cache
+            needed[False] = routing.seq_length * b
         q_t, q_v, k_text, v_text, k_vision, v_vision = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v,
                                                                     needed[False], needed[True])
+        if routing.kv_cache is not None:
+            routing.kv_cache.append(self.layer_number, k_text.view(-1, b, heads, d), v_text.view(-1, b, heads, d))
         sets = {False: (k_text, v_text), True: (k_vision, v_vision)}
         # each modality's query rows, one view per run (a split: its backward is one cat, not a zero-fill per run)
         queries = {}
@@ -162,6 +170,22 @@ class LibraBridgeAttention(MegatronModule):
             outputs[is_vision].append(self.core_attention(q.view(t1 - t0, b, heads, d), k, v))  # [t, b, heads, d]
         return self._rows(outputs[False], q_t), self._rows(outputs[True], q_v)
 
+    def _decode_attention(self, routing: ModalityRouting, qkv_t: Tensor, qkv_v: Tensor, bridge_t: Tensor,
+                          bridge_v: Tensor) -> Tuple[Tensor, Tensor]:
+        """A decode step (kv_cache.py): the step's text queries attend the cached text key/value set followed by
+        their own keys (causal, aligned to the end); the first ``cache.keep`` positions are appended to the cache."""
+        if qkv_v.shape[1]:
+            raise ValueError("a KV-cache decode step feeds text positions only (image positions go in the prefill)")
+        s, b, heads, d = routing.seq_length, routing.batch, self.heads_per_rank, self.head_dim
+        cache, rows = routing.kv_cache, routing.seq_length * routing.batch
+        q_t, _, k_new, v_new, _, _ = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v, rows, 0)
+        k_new, v_new = k_new.view(s, b, heads, d), v_new.view(s, b, heads, d)
+        k_old, v_old = cache.keys_values(self.layer_number)
+        out = self.core_attention(q_t.view(s, b, heads, d), torch.cat([k_old, k_new]), torch.cat([v_old, v_new]))
+        cache.append(self.layer_number, k_new, v_new)
+        width = heads * d
+        return out.reshape(rows, width), q_t.new_zeros((0, width))
+
     def _rows(self, pieces: List[Tensor], like: Tensor) -> Tensor:
         width = self.heads_per_rank * self.head_dim
         if not pieces:
@@ -175,6 +199,8 @@ class LibraBridgeAttention(MegatronModule):
         q, _, k_text, v_text, k_vision, v_vision = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v, rows,
                                                                 rows, queries_in_sequence_order=True)
         q = q.view(s, b, heads, d)
+        if routing.kv_cache is not None:  # prefill: the text key set goes to the cache
+            routing.kv_cache.append(self.layer_number, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d))
         mask: Optional[Tensor] = routing.attention_mask
         o_text = self.core_attention(q, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d), mask)
         o_vision = self.core_attention(q, k_vision.view(s, b, heads, d), v_vision.view(s, b, heads, d), mask)

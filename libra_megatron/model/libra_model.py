@@ -23,6 +23,7 @@ from torch import Tensor
 
 from libra_megatron.config import LibraConfig
 from libra_megatron.model.embedding import LibraEmbedding, sequence_parallel_scatter
+from libra_megatron.model.kv_cache import LibraKVCache
 from libra_megatron.model.layer import LibraTransformerBlock
 from libra_megatron.model.micro_batch import build_micro_batch_routing
 from libra_megatron.model.output import position_losses, unified_logits
@@ -94,16 +95,21 @@ class LibraModel(LanguageModule):
         clip_features: Optional[Tensor] = None,
         segment_ids: Optional[Tensor] = None,
         routing: Optional[ModalityRouting] = None,
+        kv_cache: Optional[LibraKVCache] = None,
     ) -> Tensor:
         """See the module docstring. ``routing``: the micro-batch's routing, built (and its inputs validated) once
         by :func:`~libra_megatron.model.micro_batch.build_micro_batch_routing` for all chunks, stages and the loss;
-        without it this call builds its own and validates the inputs it sees."""
+        without it this call builds its own and validates the inputs it sees. ``kv_cache``: incremental decoding
+        (kv_cache.py): the first call over a layer fills the cache with the prompt, later calls feed new text
+        positions only."""
         if self.pre_process and tokens is None:
             raise ValueError("the first pipeline stage needs `tokens`")
         if routing is None:
             routing = build_micro_batch_routing(
                 self.config, vision_indices, position_ids, segment_ids,
                 tokens=tokens if self.pre_process else None, labels=labels if self.post_process else None)
+        if kv_cache is not None:
+            routing.kv_cache = kv_cache
         hidden = None
         if self.pre_process:
             hidden = self.embedding(tokens, routing, clip_features)

@@ -192,6 +192,8 @@ class ModalityRouting:
     rotary: Optional[object] = field(default=None, repr=False)
     inputs_checked: bool = False
     """True once the micro-batch's ids and labels were validated against this routing (model/micro_batch.py)."""
+    kv_cache: Optional[object] = field(default=None, repr=False)
+    """Incremental decoding only: the micro-batch's :class:`~libra_megatron.model.kv_cache.LibraKVCache`."""
 
     @property
     def uniform(self) -> bool:

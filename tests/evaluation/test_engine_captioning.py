@@ -1,5 +1,5 @@
 """Zero-shot captioning inside the trainer (CPU, gloo): the engine's greedy tokens equal the HF export's greedy
-tokens at TP=1, TP=2 and PP=2, and the training losses are bit-identical with captioning on and off (PP=2)."""
+tokens at TP=1, TP=2 and PP=2 (with the KV cache and without), and the training losses are bit-identical with captioning on and off (PP=2)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,8 @@ def _train(flags, world_size):
 
 
 def _engine_ids(flags, world_size):
-    """Greedy ids of every image from a trainer built on the saved checkpoint (last stage answers)."""
+    """Greedy ids of every image from a trainer built on the saved checkpoint (last stage answers); the KV-cache
+    decode gives the same ids as rerunning the whole sequence every step."""
     from megatron.core import parallel_state as ps
 
     from libra_megatron.evaluation.engine_captioning import inference_guard
@@ -54,7 +55,9 @@ def _engine_ids(flags, world_size):
 
     trainer = Trainer(make_args(FLAGS + flags, world_size), get_family("libra"))
     with inference_guard(trainer.model):
-        ids = trainer.captioner.generate(trainer.model)
+        ids = trainer.captioner.generate(trainer.model)  # KV cache: prefill once, then one token per step
+        reference = trainer.captioner.generate(trainer.model, kv_cache=False)  # every step reruns the prefix
+    assert ids == reference, (ids, reference)
     result = trainer.captioner.run(trainer.model)
     trainer.logger.close()
     return (ids, result) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
