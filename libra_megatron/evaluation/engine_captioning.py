@@ -8,13 +8,14 @@ engine's own model at any TP/PP(/VPP), scored with pycocoevalcap's CIDEr and BLE
   every rank knows the fixed layout ``<s> | <boi> codes <eoi> | \\n prompt`` (the raw Libra-Base prompt, ids
   built as :func:`libra_megatron.inference.prompt_text_ids`).
 * **Decoding**: a greedy step is one forward-only pass of megatron-core's pipeline schedule over the
-  sequence so far (micro-batches of ``--micro-batch-size`` rows; p2p between stages is the schedule's, so any
+  new positions (micro-batches of ``--micro-batch-size`` rows; p2p between stages is the schedule's, so any
   PP/VPP works; under sequence parallelism the rows are right-padded to a multiple of TP, which causal attention
   makes invisible). The last stage takes ``argmax`` of the text logits at the last position (ties: lowest id,
   as the HF export's ``generate``) and broadcasts the tokens over the pipeline group; rows stop at ``</s>``.
-  There is no KV cache: every step recomputes the prefix (the engine's attention has no incremental path yet),
-  which costs ``O(T)`` extra forwards for T new tokens but is exact; with ``K`` ~ 16 and T ~ 20 this is a few
-  seconds on a GPU every ``--eval-captioning-interval`` steps.
+  With the KV cache (default; :mod:`libra_megatron.model.kv_cache`) the first step prefills the prompt once and
+  every later step feeds only the previous token at its position (one position's hidden state between stages;
+  under SP padded to TP positions after the real one, never cached); ``generate(model, kv_cache=False)`` reruns
+  the whole sequence every step (the reference the cached path is tested against). See docs/design.md.
 * **Training unperturbed**: model chunks in eval mode and back, ``no_grad``, every RNG state restored
   (:func:`libra_megatron.training.evaluation.preserved_rng_state`), the training data stream and counters
   untouched, forward pre-hooks off with a synchronous param gather under ``--overlap-param-gather``.

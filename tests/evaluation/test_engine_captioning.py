@@ -1,5 +1,6 @@
 """Zero-shot captioning inside the trainer (CPU, gloo): the engine's greedy tokens equal the HF export's greedy
-tokens at TP=1, TP=2 and PP=2 (with the KV cache and without), and the training losses are bit-identical with captioning on and off (PP=2)."""
+tokens at TP=1, TP=2 and PP=2 (with the KV cache and without), and the training losses are bit-identical with
+captioning on and off (PP=2)."""
 from __future__ import annotations
 
 import json
