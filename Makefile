@@ -10,12 +10,14 @@ PYTEST_ARGS ?=
 
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_EXT  := $(VENV)/.ext-built
+STAMP_LINT := $(VENV)/.lint-installed
 
-.PHONY: demo test install ext clean-ext help
+.PHONY: demo test lint install ext clean-ext help
 
 help:
 	@echo "make demo   - set up .venv, then run the end-to-end CPU demo"
 	@echo "make test   - set up .venv, then run the whole test suite"
+	@echo "make lint   - ruff (lint + import order, configured in pyproject.toml) over the repository"
 	@echo "make install- only set up .venv (deps, megatron-core, editable install + C++ extension)"
 
 $(PY):
@@ -38,6 +40,14 @@ $(STAMP_EXT): $(STAMP_DEPS) setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	flock $(VENV)/.build-lock $(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import libra_megatron._C"
 	touch $@
+
+# ruff is a dev tool: pinned in requirements-dev.txt, installed into .venv on first `make lint`
+$(STAMP_LINT): $(PY) requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+lint: $(STAMP_LINT)
+	$(PY) -m ruff check .
 
 install: $(STAMP_EXT)
 

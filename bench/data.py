@@ -76,18 +76,18 @@ def bench_index(samples: int, repeat: int) -> None:
 
     ordered = lengths[ours]
     del ours
-    seconds, plan = timed(lambda: ih.pack_documents(ordered, 2048, 64), repeat)
+    seconds, plan = timed(lambda: ih.pack_documents(ordered, 2048, 64), repeat)  # noqa: F821 (timed() runs it before the del below)
     offsets, _ = plan
     fill = float(np.minimum(ordered, 2048).sum()) / ((len(offsets) - 1) * 2048)
     emit("index", "sample_index.ours_packing_plan_cpp", samples=samples, seconds=round(seconds, 3),
          packed_rows=int(len(offsets) - 1), fill=round(fill, 4))
     del plan, offsets
     small = min(samples, 200_000)
-    seconds, _ = timed(lambda: ih.pack_documents_reference(ordered[:small], 2048, 64))
+    seconds, _ = timed(lambda: ih.pack_documents_reference(ordered[:small], 2048, 64))  # noqa: F821 (timed() runs it before the del below)
     emit("index", "sample_index.ours_packing_plan_python_reference", samples=small, seconds=round(seconds, 3))
     documents = np.arange(samples, dtype=np.int32)
     tokens = int(lengths.sum())
-    seconds, sample_idx = timed(lambda: megatron_helpers.build_sample_idx(lengths, documents, 2048, 1, tokens), repeat)
+    seconds, sample_idx = timed(lambda: megatron_helpers.build_sample_idx(lengths, documents, 2048, 1, tokens), repeat)  # noqa: F821 (timed() runs it before the del below)
     emit("index", "sample_index.megatron_build_sample_idx", samples=samples, seconds=round(seconds, 3),
          rows=int(len(sample_idx) - 1))
     del sample_idx, documents, ordered

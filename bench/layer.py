@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from libra_megatron.model.fusions import apply_rope, rope_reference  # noqa: E402  (the same RoPE kernel for both)
+from libra_megatron.model.fusions import apply_rope  # noqa: E402  (the same RoPE kernel for both)
 
 
 class DenseLlamaLayer(torch.nn.Module):
@@ -97,9 +97,9 @@ def _init_megatron(device: str) -> None:
 def _libra_layer(args, device: str, dtype: torch.dtype, force_index: bool):
     from megatron.core.transformer.spec_utils import build_module
 
-    from libra_megatron.model.training_stages import is_trainable_in_stage
     from libra_megatron.config import libra_config
     from libra_megatron.model.specs import get_libra_layer_spec
+    from libra_megatron.model.training_stages import is_trainable_in_stage
 
     config = libra_config(
         "libra-7b", num_layers=1, hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=args.heads,
@@ -177,7 +177,7 @@ def main() -> None:
             sin = torch.cat([-ang[..., :half].sin(), ang[..., half:].sin()], -1).to(dtype)
 
             def step():
-                layer(x, cos, sin).backward(grad)
+                layer(x, cos, sin).backward(grad)  # noqa: F821 (run by _timeit before the del below)
         else:
             layer, config = _libra_layer(args, device, dtype, force_index=case == "libra_index")
             vi, position_ids, ModalityRouting, RotaryTables = _batch(args, device, config)

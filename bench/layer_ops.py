@@ -34,7 +34,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.layer import DenseLlamaLayer, _batch, _init_megatron, _libra_layer  # noqa: E402
 
-
 # aten ops that never launch a device kernel (views, allocation, metadata)
 _NO_LAUNCH = {
     "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "select", "slice", "unbind", "split",

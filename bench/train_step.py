@@ -134,8 +134,8 @@ def run_case(case: Dict[str, Any], args: argparse.Namespace, extra: List[str]) -
     from libra_megatron.training.arguments import parse_args, validate_args
     from libra_megatron.training.data_stream import dataset_files
     from libra_megatron.training.dry_run import _clip_parameters, estimate_memory
-    from libra_megatron.training.loop import Trainer, train_step
     from libra_megatron.training.families import get_family
+    from libra_megatron.training.loop import Trainer, train_step
     from libra_megatron.training.model_family import unwrap_model
     from libra_megatron.training.model_setup import count_parameters
     from libra_megatron.training.observability import gather_timer_times, timed

@@ -50,10 +50,10 @@ def _run(command: List[str], quiet: bool = False) -> str:
 def make_tokenizers(out: str) -> Dict[str, str]:
     """The sentencepiece model (512 ids, the tiny preset's text vocab) and the tiny image tokenizer folder."""
     sys.path.insert(0, os.path.join(REPO, "examples"))
-    from demo_corpus import all_captions
-
     from libra_megatron.data.sentencepiece_training import default_sentences, train_sentencepiece
     from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+
+    from demo_corpus import all_captions
 
     text_dir = os.path.join(out, "text_tokenizer")
     model = train_sentencepiece(os.path.join(text_dir, "tokenizer.model"), vocab_size=512,
@@ -70,10 +70,10 @@ def train_base_lm(out: str, text_model: str, steps: int = 300) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, os.path.join(REPO, "examples"))
-    from demo_corpus import all_captions
-
     from libra_megatron.config import PRESETS
     from libra_megatron.data.text_tokenizer import TextTokenizer
+
+    from demo_corpus import all_captions
 
     preset = PRESETS["tiny"]
     tokenizer = TextTokenizer(text_model)

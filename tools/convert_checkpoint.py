@@ -118,13 +118,17 @@ def _convert_rank(rank: int, world: int, store: str, options: dict, recipe) -> N
 def validate_hf_to_engine(args: argparse.Namespace):
     """Open and check the source against the engine model before any process starts writing; returns the recipe."""
     from libra_megatron.checkpoint.engine_checkpoint import (
-        architecture_from_hf, architecture_from_llama, check_hf_matches_engine, converter_args, engine_config,
-        hf_config_from_engine)
+        architecture_from_hf,
+        architecture_from_llama,
+        check_hf_matches_engine,
+        converter_args,
+        engine_config,
+        hf_config_from_engine,
+    )
     from libra_megatron.checkpoint.hf_libra import config_fields
+    from libra_megatron.checkpoint.hf_llama import read_llama_config
     from libra_megatron.checkpoint.hf_sources import SourceRecipe
     from libra_megatron.checkpoint.safe_io import CheckpointError
-
-    from libra_megatron.checkpoint.hf_llama import read_llama_config
     from libra_megatron.config import PRESETS
     from libra_megatron.training.architecture import ArchitectureError, check_against, requested_architecture
 

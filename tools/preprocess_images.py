@@ -33,10 +33,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from libra_megatron.data.pixel_codec import DEFAULT_PIXEL_FORMAT, PIXEL_FORMATS  # noqa: E402
+from libra_megatron.data.preprocess_job import PreprocessConfig, format_summary, run_preprocessing, summary_json  # noqa: E402
 from libra_megatron.data.preprocess_worker import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES  # noqa: E402
 from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS  # noqa: E402
-from libra_megatron.data.preprocess_job import PreprocessConfig, format_summary, run_preprocessing, summary_json  # noqa: E402
 
 
 def _expand_braces(pattern: str) -> list[str]:

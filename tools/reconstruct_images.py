@@ -96,7 +96,12 @@ def load_tokenizer(args):
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    from libra_megatron.tokenizer.image_processing import load_image, normalize_pixels, to_model_pixels, unit_range_to_pixels
+    from libra_megatron.tokenizer.image_processing import (
+        load_image,
+        normalize_pixels,
+        to_model_pixels,
+        unit_range_to_pixels,
+    )
 
     paths = find_images(args.inputs)[: args.max_images]
     if not paths:

@@ -242,7 +242,8 @@ def resolve_checkpoint(path: str, step: Optional[int] = None) -> str:
 
 def load_for_export(path: str) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
     """(TP=1/PP=1 model with the checkpoint's weights, engine config, args); model-parallel state must be 1x1."""
-    from megatron.core import dist_checkpointing, parallel_state as ps
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     from libra_megatron.training.checkpointing import load_checkpoint
 

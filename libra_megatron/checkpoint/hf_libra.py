@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from libra_megatron.checkpoint.hf_libra_names import hf_buffers
 from libra_megatron.checkpoint.hf_writer import (
     MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
@@ -15,7 +16,6 @@ from libra_megatron.checkpoint.hf_writer import (
     released_config_dict,
     write_export_metadata,
 )
-from libra_megatron.checkpoint.hf_libra_names import hf_buffers
 from libra_megatron.checkpoint.safe_io import CheckpointError, HFCheckpointReader, read_config_json
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 

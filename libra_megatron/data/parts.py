@@ -24,6 +24,7 @@ from libra_megatron.data.rejects import RETRYABLE_REASONS, count_by_reason
 from libra_megatron.data.sidecar import atomic_write_json, sidecar_path
 from libra_megatron.vocab import LibraVocab
 
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

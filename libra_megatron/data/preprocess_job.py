@@ -28,8 +28,8 @@ from libra_megatron.data.rejects import RETRYABLE_REASONS, Rejected, count_by_re
 from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS, PieceKind
 from libra_megatron.data.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, vocab_to_json
 from libra_megatron.data.sources import Chunk, build_source
-from libra_megatron.data.workers import WorkerPool, ordered_results
 from libra_megatron.data.text_tokenizer import TextTokenizer
+from libra_megatron.data.workers import WorkerPool, ordered_results
 from libra_megatron.tokenizer.image_processing import IMAGE_SIZE, normalize_pixels
 
 logger = logging.getLogger(__name__)

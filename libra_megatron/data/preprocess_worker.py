@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from libra_megatron.data.pixel_codec import encode_pixels
-from libra_megatron.data.rejects import Rejected
 from libra_megatron.data.records import DEFAULT_MAX_IMAGE_BYTES, IMAGE_EXTENSIONS, RawRecord
+from libra_megatron.data.rejects import Rejected
 from libra_megatron.data.safe_read import read_image_file
 from libra_megatron.data.samples import DEFAULT_MAX_CAPTION_TOKENS, Piece, SampleError, instruct_pieces, pretrain_pieces
 from libra_megatron.data.text_tokenizer import TextTokenizer

@@ -18,7 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Union
 
-from libra_megatron.data.preprocess_worker import Prepared, PrepareSettings, init_worker, prepare_in_worker, prepare_record
+from libra_megatron.data.preprocess_worker import (
+    Prepared,
+    PrepareSettings,
+    init_worker,
+    prepare_in_worker,
+    prepare_record,
+)
 from libra_megatron.data.records import RawRecord
 from libra_megatron.data.rejects import RETRYABLE_REASONS, Rejected
 

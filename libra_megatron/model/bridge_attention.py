@@ -37,8 +37,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig
-from libra_megatron.model.core_attention import SDPACoreAttention
 from libra_megatron.model.attention_inputs import attention_inputs
+from libra_megatron.model.core_attention import SDPACoreAttention
 from libra_megatron.model.routed_linear import (
     ReplicatedLinear,
     batched_b,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Tuple, Union
 
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,

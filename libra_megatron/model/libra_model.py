@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.models.common.language_module.language_module import LanguageModule
 from torch import Tensor
 
 from libra_megatron.config import LibraConfig

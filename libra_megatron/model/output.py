@@ -23,7 +23,6 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch import Tensor
 
-from libra_megatron.config import LibraConfig
 from libra_megatron.model.routing import ModalityRouting, vision_flag
 from libra_megatron.ops.wgrad_accum import linear
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab

@@ -9,7 +9,7 @@ Attention uses ``scaled_dot_product_attention`` (same math as the reference's ex
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch

@@ -33,7 +33,7 @@ from torch import nn
 from libra_megatron.ops.lfq import image_token_ids, lfq_image_ids
 from libra_megatron.tokenizer.clip_encoder import LIBRA_SELECT_LAYERS, TINY_CLIP, VIT_L14_336, ClipFeatureEncoder
 from libra_megatron.tokenizer.decoder import Decoder, DecoderConfig
-from libra_megatron.tokenizer.lfq import LFQ, LFQLossBreakdown
+from libra_megatron.tokenizer.lfq import LFQ
 from libra_megatron.tokenizer.released import read_released
 from libra_megatron.vocab import LIBRA_VOCAB, LibraVocab
 

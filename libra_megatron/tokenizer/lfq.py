@@ -20,7 +20,7 @@ group, so every rank sees the global-batch ``H_codebook``; its gradient is scale
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist

@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-
 # Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
 # "routing" (a family's prepare_batch result) is already placed where it belongs.
 HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids", "routing"})

@@ -178,7 +178,6 @@ def dry_run(args: argparse.Namespace, family: ModelFamily) -> Dict[str, Any]:
     enable_cpu_megatron()
     args = RunConfig.freeze(args).replace(device="cpu", meta_device=True)
     tp, pp, dp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size
-    vpp = args.virtual_pipeline_model_parallel_size
     single = args.replace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                           virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     with _fake_world(1, 0, single):

@@ -9,10 +9,10 @@ steps ``evaluation_due`` names, on every rank, without touching the training str
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -149,11 +149,14 @@ class Trainer:
         from megatron.core import parallel_state
 
         from libra_megatron.training.data_stream import MicroBatchStream, build_train_dataset
-        from libra_megatron.training.distributed import (initialize_distributed, is_last_rank, resolve_device,
-                                                         set_seeds)
+        from libra_megatron.training.distributed import initialize_distributed, is_last_rank, resolve_device, set_seeds
         from libra_megatron.training.metrics import MetricsLogger
-        from libra_megatron.training.model_setup import (build_model_chunks, build_optimizer, build_scheduler,
-                                                         wrap_model_chunks)
+        from libra_megatron.training.model_setup import (
+            build_model_chunks,
+            build_optimizer,
+            build_scheduler,
+            wrap_model_chunks,
+        )
 
         self.args, self.family = args, family
         resolve_device(args)
@@ -195,8 +198,12 @@ class Trainer:
         self.profiler = StepProfiler(args, dist.get_rank())
 
     def _load(self):
-        from libra_megatron.training.checkpointing import (ResumeState, checkpoint_dir, latest_checkpoint,
-                                                           load_checkpoint)
+        from libra_megatron.training.checkpointing import (
+            ResumeState,
+            checkpoint_dir,
+            latest_checkpoint,
+            load_checkpoint,
+        )
 
         args = self.args
         path = latest_checkpoint(args.load) if args.load else None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 

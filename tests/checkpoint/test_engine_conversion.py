@@ -16,10 +16,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
-from libra_megatron.checkpoint.safe_io import CheckpointError
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
 from tests.distributed import run_on_ranks
@@ -81,7 +80,12 @@ def _engine_logits(root: str, batches, tp: int, pp: int):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from libra_megatron.checkpoint.engine_checkpoint import build_chunks, converter_args, engine_config, resolve_checkpoint
+    from libra_megatron.checkpoint.engine_checkpoint import (
+        build_chunks,
+        converter_args,
+        engine_config,
+        resolve_checkpoint,
+    )
     from libra_megatron.training.checkpointing import load_checkpoint
 
     args = converter_args("tiny", tp=tp, pp=pp)
@@ -182,7 +186,11 @@ def test_trained_tp2_pp2_model_exports_with_logit_parity(converted):
 
 def _meta_7b_export_shapes():
     from libra_megatron.checkpoint.engine_checkpoint import (
-        converter_args, engine_config, engine_to_hf_tensors, hf_config_from_engine)
+        converter_args,
+        engine_config,
+        engine_to_hf_tensors,
+        hf_config_from_engine,
+    )
     from libra_megatron.model.libra_model import LibraModel
 
     config = engine_config(converter_args("libra-7b"))

@@ -80,7 +80,11 @@ def _engine_logits(root: str, batches):
     from megatron.core import dist_checkpointing
 
     from libra_megatron.checkpoint.engine_checkpoint import (
-        args_from_checkpoint, build_chunks, engine_config, resolve_checkpoint)
+        args_from_checkpoint,
+        build_chunks,
+        engine_config,
+        resolve_checkpoint,
+    )
     from libra_megatron.training.checkpointing import load_checkpoint
 
     path = resolve_checkpoint(root)

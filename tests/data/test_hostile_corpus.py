@@ -15,8 +15,8 @@ import time
 import pytest
 
 from libra_megatron.data.indexed import SampleReader
-from libra_megatron.data.preprocess_worker import FAULT_FILE_ENV
 from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
+from libra_megatron.data.preprocess_worker import FAULT_FILE_ENV
 from libra_megatron.data.samples import PieceKind
 from tests.data import hostile
 

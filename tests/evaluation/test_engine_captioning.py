@@ -48,8 +48,8 @@ def _engine_ids(flags, world_size):
     from megatron.core import parallel_state as ps
 
     from libra_megatron.evaluation.engine_captioning import inference_guard
-    from libra_megatron.training.loop import Trainer
     from libra_megatron.training.families import get_family
+    from libra_megatron.training.loop import Trainer
     from tests.training.helpers import make_args
 
     trainer = Trainer(make_args(FLAGS + flags, world_size), get_family("libra"))

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from libra_megatron.evaluation.answer_normalization import normalize_answer
-from libra_megatron.evaluation.scoring import (extract_choice, java_available, score_captions, simple_tokenize,
-                                               vqa_accuracy)
+from libra_megatron.evaluation.scoring import (
+    extract_choice,
+    java_available,
+    score_captions,
+    simple_tokenize,
+    vqa_accuracy,
+)
 
 REFS = {
     "1": ["A dog runs across the green grass.", "a brown dog running on a lawn", "The dog is running outside."],

@@ -122,7 +122,7 @@ def test_beam_search_with_one_beam_is_greedy():
     kwargs = dict(vision_indices=vi, contiguous_signal=signal, max_new_tokens=6, eos_token_id=[])
     greedy = model.generate(ids, **kwargs)
     beam = model.generate(ids, num_beams=1, **kwargs)
-    from libra_megatron.hf_modeling.generation_libra import _DecodeState, _beam_search  # the beam path itself, K=1
+    from libra_megatron.hf_modeling.generation_libra import _beam_search, _DecodeState  # the beam path itself, K=1
 
     state = _DecodeState(model, ids.clone(), vi, torch.ones(vi.shape, dtype=torch.long), signal, True)
     opts = dict(max_new_tokens=6, min_new_tokens=0, do_sample=False, repetition_penalty=1.0, num_beams=1,

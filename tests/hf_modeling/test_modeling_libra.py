@@ -17,7 +17,6 @@ from tests.fixtures import LIBRA_7B_SHAPES_JSON
 from tests.hf_modeling.tiny import IMAGE_LEN, TEXT_VOCAB, mixed_batch, tiny_config, tiny_model
 
 
-
 def _shapes_file() -> str:
     return LIBRA_7B_SHAPES_JSON
 

@@ -13,7 +13,6 @@ def _save(path: str) -> None:
     from megatron.core import dist_checkpointing
 
     from libra_megatron.utils.megatron_compat import use_in_process_write_queue
-
     from tests.model.helpers import build_model, hf_weights, load_hf, tiny_config, tiny_sizes
 
     config = tiny_config(TEXT_VOCAB)
@@ -49,8 +48,14 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tmp_path) -> None:
 
 
 def test_hf_name_map_round_trip() -> None:
-    from libra_megatron.checkpoint.hf_libra_names import (LAYER_MAP, TOP_MAP, engine_to_hf, hf_to_engine,
-                                                          merge_tp_shards, split_tp)
+    from libra_megatron.checkpoint.hf_libra_names import (
+        LAYER_MAP,
+        TOP_MAP,
+        engine_to_hf,
+        hf_to_engine,
+        merge_tp_shards,
+        split_tp,
+    )
     from libra_megatron.config import libra_config
     from tests.model.helpers import hf_weights, tiny_sizes
 

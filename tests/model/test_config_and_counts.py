@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-
 from tests.fixtures import LIBRA_7B_SHAPES_JSON as SHAPES_JSON
 
 

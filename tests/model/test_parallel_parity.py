@@ -25,8 +25,16 @@ GROUPS: List[List[Tuple[str, bool]]] = [
 def _run_groups(groups, sequence_parallel: bool = False, recompute: bool = False) -> Dict:
     from megatron.core import parallel_state as ps
 
-    from tests.model.helpers import (build_model, hf_weights, load_hf, local_grads, make_batch, run_schedule,
-                                     tiny_config, tiny_sizes)
+    from tests.model.helpers import (
+        build_model,
+        hf_weights,
+        load_hf,
+        local_grads,
+        make_batch,
+        run_schedule,
+        tiny_config,
+        tiny_sizes,
+    )
 
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     config = tiny_config(TEXT_VOCAB, sequence_parallel=sequence_parallel, calculate_per_token_loss=True,

@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Dict, List
 
-import pytest
-
 from libra_megatron.training.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from libra_megatron.training.dry_run import GB, FRAMEWORK_OVERHEAD_GB, estimate_memory, optimizer_step_workspace_bytes
+from libra_megatron.training.dry_run import FRAMEWORK_OVERHEAD_GB, GB, estimate_memory, optimizer_step_workspace_bytes
 
 
 def _adamw_step_peak_extra(**kind) -> tuple:

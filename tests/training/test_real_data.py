@@ -18,11 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Dict[str, str]:
     sys.path.insert(0, os.path.join(REPO, "examples"))
-    from demo_corpus import all_captions, generate
-
     from libra_megatron.data.preprocess_job import PreprocessConfig, run_preprocessing
     from libra_megatron.data.sentencepiece_training import default_sentences, train_sentencepiece
     from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+
+    from demo_corpus import all_captions, generate
 
     root = tmp_path_factory.mktemp("real_data")
     paths = generate(str(root / "corpus"), train=12, heldout=0, seed=3)

@@ -2,7 +2,6 @@
 gives the same losses, gradients and weights at TP=1, TP=2, PP=2 and DP=2 with the distributed optimizer."""
 from __future__ import annotations
 
-from functools import partial
 from typing import Dict, List, Optional
 
 import pytest
