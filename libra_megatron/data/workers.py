@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-import os
 import multiprocessing.connection
+import os
 import time
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Union
