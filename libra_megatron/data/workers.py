@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Union
@@ -32,8 +33,25 @@ __all__ = ["WorkerPool", "ordered_results", "RETRYABLE_REASONS"]
 Result = Union[Prepared, Rejected]
 
 
-def _worker_main(connection, settings: PrepareSettings) -> None:
-    """Loop of one worker: receive ``(seq, record)``, send ``(seq, result)``; ``None`` ends it."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this worker when the job dies (a SIGKILLed job must not leave workers behind)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the job died before the request took effect
+        os._exit(1)
+
+
+def _worker_main(connection, settings: PrepareSettings, inherited: List, parent_pid: int) -> None:
+    """Loop of one worker: receive ``(seq, record)``, send ``(seq, result)``; ``None`` ends it. The job's ends of
+    every pipe are closed here, so the worker also sees end-of-file when the job is gone."""
+    for other in inherited:
+        other.close()
+    _die_with_parent(parent_pid)
     init_worker(settings)
     while True:
         try:
@@ -56,9 +74,11 @@ class _Task:
 class _Worker:
     """One process, its pipe, and the task it is working on (if any) with its deadline."""
 
-    def __init__(self, context, settings: PrepareSettings):
+    def __init__(self, context, settings: PrepareSettings, others: List["_Worker"]):
         self.connection, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child, settings), daemon=True)
+        inherited = [self.connection] + [w.connection for w in others]
+        self.process = context.Process(target=_worker_main, args=(child, settings, inherited, os.getpid()),
+                                       daemon=True)
         self.process.start()
         child.close()
         self.task: Optional[_Task] = None
@@ -93,7 +113,9 @@ class WorkerPool:
             raise ValueError(f"need processes > 0 and --worker-timeout > 0, got {processes}, {timeout_s}")
         self.context = multiprocessing.get_context("fork")
         self.settings, self.timeout = settings, timeout_s
-        self.workers: List[_Worker] = [_Worker(self.context, settings) for _ in range(processes)]
+        self.workers: List[_Worker] = []
+        for _ in range(processes):
+            self.workers.append(_Worker(self.context, settings, self.workers))
         self.replaced = 0  # workers replaced after a crash or timeout (for the summary)
 
     def close(self) -> None:
@@ -104,7 +126,7 @@ class WorkerPool:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
-        fresh = _Worker(self.context, self.settings)
+        fresh = _Worker(self.context, self.settings, [w for w in self.workers if w is not worker])
         self.workers[self.workers.index(worker)] = fresh
         self.replaced += 1
         return fresh

@@ -75,9 +75,15 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(folder_corpus, tmp_path, s
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "first chunk never committed"
         time.sleep(0.01)
+    import psutil
+
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert workers, "the job runs with one decode worker"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
+    _, alive = psutil.wait_procs(workers, timeout=30)  # a killed job leaves no decode worker behind
+    assert not alive, f"orphaned decode workers: {alive}"
     assert not os.path.exists(prefix + ".json")
     # the states a kill can leave at the other points of a chunk commit:
     # chunk 2 half-written under temporary names; chunk 3 renamed in but without its commit marker
