@@ -211,7 +211,8 @@ class EngineCaptioner:
         prefill = not caches
         if prefill:
             batches, padded = self._micro_batches(tokens, vision_indices, length)
-            caches.extend(LibraKVCache() for _ in batches)
+            capacity = length + self.args.eval_captioning_max_new_tokens
+            caches.extend(LibraKVCache(capacity) for _ in batches)
         else:
             batches, padded = self._micro_batches(tokens[:, :, -1:], vision_indices[:, -1:], 1, start=length - 1,
                                                   with_features=False)

@@ -180,9 +180,8 @@ class LibraBridgeAttention(MegatronModule):
         cache, rows = routing.kv_cache, routing.seq_length * routing.batch
         q_t, _, k_new, v_new, _, _ = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v, rows, 0)
         k_new, v_new = k_new.view(s, b, heads, d), v_new.view(s, b, heads, d)
-        k_old, v_old = cache.keys_values(self.layer_number)
-        out = self.core_attention(q_t.view(s, b, heads, d), torch.cat([k_old, k_new]), torch.cat([v_old, v_new]))
-        cache.append(self.layer_number, k_new, v_new)
+        k_all, v_all = cache.extend(self.layer_number, k_new, v_new)  # cached keys, then this step's
+        out = self.core_attention(q_t.view(s, b, heads, d), k_all, v_all)
         width = heads * d
         return out.reshape(rows, width), q_t.new_zeros((0, width))
 

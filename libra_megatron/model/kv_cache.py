@@ -15,39 +15,62 @@ attention makes it invisible to the real positions) and are appended to the memo
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
 
 class LibraKVCache:
-    """Key/value memory ``[offset, b, heads/tp, d]`` per layer for one micro-batch."""
+    """Key/value memory ``[offset, b, heads/tp, d]`` per layer for one micro-batch.
 
-    def __init__(self) -> None:
-        self.memory: Dict[int, Tuple[Tensor, Tensor]] = {}
+    Each layer's memory is one preallocated buffer written in place: ``capacity`` positions when given (prompt plus
+    the new tokens to generate), otherwise the prompt's length, doubling whenever a step does not fit. A decode step
+    therefore copies only its own keys, never the whole memory."""
+
+    def __init__(self, capacity: Optional[int] = None) -> None:
+        self.capacity = capacity
+        self._buffers: Dict[int, Tuple[Tensor, Tensor]] = {}
+        self._lengths: Dict[int, int] = {}
         self.keep = 0
         """Leading positions of the current forward to store (set before every forward)."""
 
+    def layers(self) -> List[int]:
+        """The layer numbers that hold a memory."""
+        return sorted(self._lengths)
+
     def has(self, layer_number: int) -> bool:
         """Whether ``layer_number`` already holds a prefilled memory (then a forward is a decode step)."""
-        return layer_number in self.memory
+        return layer_number in self._lengths
 
     def offset(self, layer_number: int) -> int:
         """Positions cached for ``layer_number``."""
-        return self.memory[layer_number][0].shape[0] if layer_number in self.memory else 0
+        return self._lengths.get(layer_number, 0)
 
     def keys_values(self, layer_number: int) -> Tuple[Tensor, Tensor]:
-        """The cached text key/value set ``[offset, b, heads, d]`` of ``layer_number``."""
-        return self.memory[layer_number]
+        """The cached text key/value set ``[offset, b, heads, d]`` of ``layer_number`` (views of the buffer)."""
+        keys, values = self._buffers[layer_number]
+        length = self._lengths[layer_number]
+        return keys[:length], values[:length]
+
+    def extend(self, layer_number: int, keys: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+        """Write ``keys``/``values`` ``[s, b, heads, d]`` after the cached positions and return the cached set
+        followed by them (``[offset + s, ...]`` views). Only the first ``keep`` of the ``s`` positions stay cached:
+        the rest (padding after the real positions) is overwritten by the next step."""
+        start = self.offset(layer_number)
+        end = start + keys.shape[0]
+        buffers = self._buffers.get(layer_number)
+        if buffers is None or buffers[0].shape[0] < end:
+            size = max(end, self.capacity or 0, 2 * buffers[0].shape[0] if buffers is not None else 0)
+            grown = tuple(x.new_empty((size, *x.shape[1:])) for x in (keys, values))
+            if buffers is not None:
+                for new, old in zip(grown, buffers):
+                    new[:start].copy_(old[:start])
+            buffers = self._buffers[layer_number] = grown
+        buffers[0][start:end].copy_(keys.detach())
+        buffers[1][start:end].copy_(values.detach())
+        self._lengths[layer_number] = start + min(self.keep, keys.shape[0])
+        return buffers[0][:end], buffers[1][:end]
 
     def append(self, layer_number: int, keys: Tensor, values: Tensor) -> None:
         """Store the first ``keep`` positions of ``keys``/``values`` ``[s, b, heads, d]`` after the cached ones."""
-        import torch
-
-        keys, values = keys[: self.keep].detach(), values[: self.keep].detach()
-        if layer_number in self.memory:
-            old_k, old_v = self.memory[layer_number]
-            keys, values = torch.cat([old_k, keys]), torch.cat([old_v, values])
-        else:
-            keys, values = keys.clone(), values.clone()
-        self.memory[layer_number] = (keys, values)
+        self.extend(layer_number, keys, values)

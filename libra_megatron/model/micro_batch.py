@@ -18,6 +18,7 @@ from torch import Tensor
 from libra_megatron.config import LibraConfig
 from libra_megatron.model.rotary import RotaryTables
 from libra_megatron.model.routing import ModalityRouting
+from libra_megatron.utils.transfer import to_device_async
 from libra_megatron.vocab import IGNORE_INDEX, LibraVocab
 
 
@@ -49,7 +50,7 @@ def build_micro_batch_routing(
             check_ids("labels", labels, vision_indices, routing.is_vision, config.vocab)
         routing.inputs_checked = tokens is not None and labels is not None
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else config.params_dtype
-    routing.rotary = RotaryTables.build(position_ids.to(device, non_blocking=True),
+    routing.rotary = RotaryTables.build(to_device_async(position_ids, device),
                                         config.kv_channels, config.rotary_base, dtype)
     return routing
 

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from libra_megatron.utils.transfer import to_device_async
 from libra_megatron.vocab import LibraVocab
 
 Segment = Tuple[int, int, bool]  # (start, end, is_vision) in rows (or time steps)
@@ -130,8 +131,8 @@ class RowPlan:
     def to(self, device: torch.device) -> "RowPlan":
         """The plan with its index tensors on ``device``."""
         return RowPlan(self.num_rows, self.num_text, self.num_vision, self.segments,
-                       self.permutation.to(device, non_blocking=True),
-                       self.inverse_permutation.to(device, non_blocking=True), self.batch)
+                       to_device_async(self.permutation, device),
+                       to_device_async(self.inverse_permutation, device), self.batch)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:
@@ -243,7 +244,7 @@ class ModalityRouting:
             if packed:
                 causal = torch.ones(seq, seq, dtype=torch.bool).tril()
                 mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [B, L, L]
-                mask = mask.unsqueeze(1).to(device, non_blocking=True)
+                mask = to_device_async(mask.unsqueeze(1), device)
         full.batch = batch
         local_rows = full.num_rows // sequence_parallel_size
         local_text = min(max(full.num_text - sequence_parallel_rank * local_rows, 0), local_rows)
@@ -258,10 +259,10 @@ class ModalityRouting:
             local_text_rows=local_text,
             time_segments=time_segments,
             is_vision=flag,
-            vision_mask=flag.to(device, non_blocking=True),
+            vision_mask=to_device_async(flag, device),
             attention_mask=mask,
             num_images=num_images,
-            clip_rows=clip_rows.to(device, non_blocking=True),
+            clip_rows=to_device_async(clip_rows, device),
         )
 
 

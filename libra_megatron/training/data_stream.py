@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from libra_megatron.utils.transfer import to_device_async
+
 # Routing is planned on the host (docs/design.md, "Model"): these stay in CPU memory, the rest goes to the GPU.
 # "routing" (a family's prepare_batch result) is already placed where it belongs.
 HOST_KEYS = frozenset({"vision_indices", "segment_ids", "sample_ids", "routing"})
@@ -136,7 +138,5 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
         if key in HOST_KEYS or not isinstance(value, torch.Tensor) or value.device.type != "cpu":
             out[key] = value
             continue
-        if not value.is_pinned():
-            value = value.pin_memory()
-        out[key] = value.to(device, non_blocking=True)
+        out[key] = to_device_async(value, device)
     return out

@@ -71,9 +71,9 @@ def _prepare_batch(config: Any, device: Any, batch: Dict[str, Any]) -> None:
     """Data path, once per micro-batch on the host copies: build and validate the one ``ModalityRouting`` every
     model chunk, pipeline stage and the loss of this rank share (``batch["routing"]``)."""
     from libra_megatron.model.micro_batch import build_micro_batch_routing
+    from libra_megatron.utils.transfer import to_device_async
 
-    if device is not None:
-        batch["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    batch["position_ids"] = to_device_async(batch["position_ids"], device)
     batch["routing"] = build_micro_batch_routing(
         config, batch["vision_indices"], batch["position_ids"], batch.get("segment_ids"), tokens=batch["tokens"],
         labels=batch["labels"], device=device)
