@@ -31,6 +31,7 @@
 # GBS 128 = 2 x DP x micro-batches: DP must divide 64 (1, 2, 4 or 8 nodes of 8 GPUs).
 set -euo pipefail
 cd "${LIBRA_ROOT:-$(dirname "$0")/..}"
+source examples/recipe_common.sh
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-2}
@@ -70,14 +71,7 @@ TRAINING_ARGS=(
     --min-lr 0.0
     --lr-decay-style cosine
     --lr-warmup-fraction 0.05
-    --weight-decay 0.01
-    --adam-beta1 0.9
-    --adam-beta2 0.99
-    --adam-eps 1e-8
-    --clip-grad 1.0
-    --seed 42
-    --on-nan skip
-    --exit-signal-handler
+    "${LIBRA_ADAMW_ARGS[@]}"
 )
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "$TP"
@@ -119,11 +113,8 @@ preprocess() {
         --workers "$PREPROCESS_WORKERS" ${PREPROCESS_ARGS:-}
 }
 
+libra_dry_run_if_asked "$@"
 for arg in "$@"; do
-    if [ "$arg" = "--dry-run" ]; then
-        # one CPU process plans for the whole job; no GPU, data or checkpoint is touched
-        exec "$PYTHON" pretrain_libra.py "${ALL_ARGS[@]}" --dry-run-world-size "$WORLD_SIZE" "$@"
-    fi
     if [ "$arg" = "--preprocess-only" ]; then
         preprocess
         exit 0
@@ -139,17 +130,4 @@ if [ ! -f "${DATA_PATH}.json" ]; then      # the sidecar is written last: its pr
     fi
 fi
 
-export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP communication ordering (megatron-core layers.py)
-# as examples/pretrain_libra_7b.sh: c10d rendezvous (ranks assigned by it), the whole group restarted up to
-# MAX_RESTARTS times if a worker dies (each restart resumes from the latest checkpoint)
-MAX_RESTARTS=${MAX_RESTARTS:-3}
-RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-libra-7b-instruct}}
-DISTRIBUTED_ARGS=(
-    --nproc_per_node "$GPUS_PER_NODE"
-    --nnodes "$NNODES"
-    --rdzv-backend c10d
-    --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}"
-    --rdzv-id "$RDZV_ID"
-    --max-restarts "$MAX_RESTARTS"
-)
-exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"
+libra_torchrun libra-7b-instruct "$@"

@@ -33,6 +33,7 @@
 #     trades compute for activation memory. Check any change with --dry-run first.
 set -euo pipefail
 cd "${LIBRA_ROOT:-$(dirname "$0")/..}"
+source examples/recipe_common.sh
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-8}
@@ -62,14 +63,7 @@ TRAINING_ARGS=(
     --min-lr 0.0
     --lr-decay-style cosine
     --lr-warmup-fraction 0.05
-    --weight-decay 0.01
-    --adam-beta1 0.9
-    --adam-beta2 0.99
-    --adam-eps 1e-8
-    --clip-grad 1.0
-    --seed 42
-    --on-nan skip
-    --exit-signal-handler
+    "${LIBRA_ADAMW_ARGS[@]}"
 )
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 1
@@ -101,27 +95,6 @@ LOGGING_ARGS=(
 ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}"
           "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}")
 
-for arg in "$@"; do
-    if [ "$arg" = "--dry-run" ]; then
-        # one CPU process plans for the whole job; no GPU, data or checkpoint is touched
-        exec "$PYTHON" pretrain_libra.py "${ALL_ARGS[@]}" --dry-run-world-size "$WORLD_SIZE" "$@"
-    fi
-done
+libra_dry_run_if_asked "$@"
 
-export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP communication ordering (megatron-core layers.py)
-# Fault tolerance (docs/design.md#training-faults): torchrun's elastic agent on every node meets the others at
-# the c10d rendezvous endpoint (a TCP store hosted by the agent on MASTER_ADDR; no etcd), and when any rank or node
-# dies it stops the whole group and restarts it, up to MAX_RESTARTS times. The restarted ranks resume from the
-# newest complete checkpoint in CHECKPOINT_DIR (--load), falling back past a broken one, so losses continue exactly.
-# Node ranks are assigned by the rendezvous; RDZV_ID must be the same on every node and new for every job.
-MAX_RESTARTS=${MAX_RESTARTS:-3}
-RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-libra-7b-pretrain}}
-DISTRIBUTED_ARGS=(
-    --nproc_per_node "$GPUS_PER_NODE"
-    --nnodes "$NNODES"
-    --rdzv-backend c10d
-    --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}"
-    --rdzv-id "$RDZV_ID"
-    --max-restarts "$MAX_RESTARTS"
-)
-exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" pretrain_libra.py "${ALL_ARGS[@]}" "$@"
+libra_torchrun libra-7b-pretrain "$@"
