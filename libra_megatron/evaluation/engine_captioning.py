@@ -25,9 +25,8 @@ engine's own model at any TP/PP(/VPP), scored with pycocoevalcap's CIDEr and BLE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -73,28 +72,6 @@ def captioning_due(args: argparse.Namespace, iteration: int) -> bool:
         return False
     interval = args.eval_captioning_interval
     return bool(interval and iteration % interval == 0) or iteration == args.train_iters
-
-
-@contextlib.contextmanager
-def inference_guard(model: Sequence[torch.nn.Module], overlap_param_gather: bool = False) -> Iterator[None]:
-    """Model chunks in eval mode, ``no_grad``, every RNG state restored, gather hooks off (synchronous param
-    gather first) under ``--overlap-param-gather``; train mode and hooks back on exit."""
-    from libra_megatron.training.evaluation import preserved_rng_state
-
-    if overlap_param_gather:
-        for chunk in model:
-            chunk.disable_forward_pre_hook(param_sync=True)
-    for chunk in model:
-        chunk.eval()
-    try:
-        with torch.no_grad(), preserved_rng_state():
-            yield
-    finally:
-        for chunk in model:
-            chunk.train()
-        if overlap_param_gather:
-            for chunk in model:
-                chunk.enable_forward_pre_hook()
 
 
 class EngineCaptioner:
@@ -262,6 +239,7 @@ class EngineCaptioner:
         from megatron.core import parallel_state as ps
 
         from libra_megatron.evaluation.scoring import score_captions
+        from libra_megatron.training.evaluation import inference_guard
 
         with inference_guard(model, self.args.overlap_param_gather):
             ids = self.generate(model)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,26 @@ def preserved_rng_state() -> Iterator[None]:
         tracker.set_states(saved[4])
 
 
+@contextlib.contextmanager
+def inference_guard(model: Sequence[torch.nn.Module], overlap_param_gather: bool = False) -> Iterator[None]:
+    """Model chunks in eval mode, ``no_grad``, every RNG state restored, gather hooks off (synchronous param
+    gather first) under ``--overlap-param-gather``; train mode and hooks back on exit."""
+    if overlap_param_gather:
+        for chunk in model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+    for chunk in model:
+        chunk.eval()
+    try:
+        with torch.no_grad(), preserved_rng_state():
+            yield
+    finally:
+        for chunk in model:
+            chunk.train()
+        if overlap_param_gather:
+            for chunk in model:
+                chunk.enable_forward_pre_hook()
+
+
 def evaluate(forward_step: Callable, stream: ValidationStream, model: List[torch.nn.Module],
              args: argparse.Namespace) -> Optional[Dict[str, float]]:
     """Validation losses over ``--eval-iters`` global batches; a dict on last-stage ranks, ``None`` elsewhere.
@@ -87,31 +107,19 @@ def evaluate(forward_step: Callable, stream: ValidationStream, model: List[torch
 
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     totals: Optional[torch.Tensor] = None  # [len(LOSS_KEYS), 2] of (loss sum, token count), on the loss device
-    if args.overlap_param_gather:  # make every weight current, then run without the gather hooks
-        for chunk in model:
-            chunk.disable_forward_pre_hook(param_sync=True)
-    for chunk in model:
-        chunk.eval()
-    try:
-        with torch.no_grad(), preserved_rng_state():
-            for micro_batches in stream.batches():
-                iterators = [iter(micro_batches) for _ in model]
-                seq_length = step_seq_length(micro_batches)
-                reports = get_forward_backward_func()(
-                    forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
-                    model=model, num_microbatches=len(micro_batches), seq_length=seq_length,
-                    micro_batch_size=args.micro_batch_size, decoder_seq_length=seq_length, forward_only=True,
-                )
-                if last_stage:
-                    step = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS])
-                                        for r in reports]).sum(dim=0)
-                    totals = step if totals is None else totals + step
-    finally:
-        for chunk in model:
-            chunk.train()
-        if args.overlap_param_gather:
-            for chunk in model:
-                chunk.enable_forward_pre_hook()
+    with inference_guard(model, args.overlap_param_gather):  # every weight current, no gather hooks
+        for micro_batches in stream.batches():
+            iterators = [iter(micro_batches) for _ in model]
+            seq_length = step_seq_length(micro_batches)
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
+                model=model, num_microbatches=len(micro_batches), seq_length=seq_length,
+                micro_batch_size=args.micro_batch_size, decoder_seq_length=seq_length, forward_only=True,
+            )
+            if last_stage:
+                step = torch.stack([torch.stack([r[key].detach().double() for key in LOSS_KEYS])
+                                    for r in reports]).sum(dim=0)
+                totals = step if totals is None else totals + step
     if not last_stage:
         return None
     dp_group = parallel_state.get_data_parallel_group()

@@ -49,7 +49,7 @@ def _engine_ids(flags, world_size):
     decode gives the same ids as rerunning the whole sequence every step."""
     from megatron.core import parallel_state as ps
 
-    from libra_megatron.evaluation.engine_captioning import inference_guard
+    from libra_megatron.training.evaluation import inference_guard
     from libra_megatron.training.families import get_family
     from libra_megatron.training.loop import Trainer
     from tests.training.helpers import make_args
