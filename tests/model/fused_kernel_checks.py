@@ -40,6 +40,7 @@ def check_attention_inputs(device: str = "cpu", dtype: torch.dtype = torch.float
     for n_text, n_vision, heads, d, rows_text, rows_vision, q_seq in [
         (7, 12, 3, 8, 19, 13, False), (5, 9, 2, 16, 14, 14, True), (0, 6, 2, 8, 0, 6, False),
         (9, 0, 3, 8, 9, 0, False), (6, 10, 5, 12, 11, 16, False),
+        (2, 3, 32, 128, 5, 5, False),  # the 7B layer's heads and head size (the launch configuration it compiles)
     ]:
         inputs = _random_attention_inputs(n_text, n_vision, heads, d, device, dtype, seed=n_text * 31 + d)
         leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point() and k not in ("cos", "sin_signed"))
@@ -71,7 +72,7 @@ def check_swiglu(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Non
 
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     g = torch.Generator().manual_seed(3)
-    for n, f in [(13, 24), (1, 7), (0, 5), (37, 130)]:
+    for n, f in [(13, 24), (1, 7), (0, 5), (37, 130), (2, 11008)]:  # last: the 7B MLP width
         gate_up = torch.randn(n, 2 * f, generator=g).to(device, dtype).requires_grad_(True)
         ref_in = gate_up.detach().float().requires_grad_(True)
         assert triton_usable(gate_up)
@@ -106,7 +107,7 @@ def check_rope(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
 
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     g = torch.Generator().manual_seed(5)
-    for n, heads, d in [(37, 3, 16), (5, 5, 12)]:
+    for n, heads, d in [(37, 3, 16), (5, 5, 12), (3, 32, 128)]:  # last: the 7B heads
         x = torch.randn(n, heads, 3, d, generator=g).to(device, dtype)[:, :, 1]
         angles = torch.rand(n, 1, d // 2, generator=g) * 50
         cos = torch.cat([angles.cos(), angles.cos()], -1).to(device, dtype)
@@ -168,11 +169,26 @@ def check_layer(device: str = "cpu") -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+def main(device: str) -> None:
+    """Every check on ``device`` (fp32; bf16 too on CUDA)."""
     for dtype in (torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16):
         check_attention_inputs(device, dtype)
         check_swiglu(device, dtype)
         check_rope(device, dtype)
     check_layer(device)
     print("fused kernels match their references on", device)
+
+
+if __name__ == "__main__":
+    # python fused_kernel_checks.py [DEVICE] [--record FILE]: --record (interpreter only) writes every kernel launch
+    # for tests/model/triton_aot.py to compile for a GPU
+    argv = sys.argv[1:]
+    record = argv[argv.index("--record") + 1] if "--record" in argv else None
+    positional = [a for i, a in enumerate(argv) if a != "--record" and (i == 0 or argv[i - 1] != "--record")]
+    if record:
+        from tests.model.triton_aot import record_launches
+
+        with record_launches(record):
+            main(positional[0] if positional else "cpu")
+    else:
+        main(positional[0] if positional else "cpu")

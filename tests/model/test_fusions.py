@@ -63,16 +63,24 @@ def test_triton_rope_matches_reference(dtype, heads: int, d: int) -> None:
     assert empty.shape == (0, heads, d)
 
 
-def test_triton_kernels_match_references_in_the_interpreter() -> None:
+def test_triton_kernels_match_references_in_the_interpreter_and_compile_for_sm90(tmp_path) -> None:
     """Every Triton kernel of the layer (attention inputs, SwiGLU, RoPE) against its reference, values and grads,
-    run by Triton's interpreter on CPU tensors (it must be switched on before triton is imported: a subprocess)."""
+    run by Triton's interpreter on CPU tensors (it must be switched on before triton is imported: a subprocess).
+    The interpreter accepts code the GPU compiler refuses, so every launch it made is then compiled ahead of time
+    to an sm_90 cubin, in bf16 and fp32 (tests/model/triton_aot.py; no GPU needed)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    record = str(tmp_path / "launches.json")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, os.path.join(root, "tests", "model", "fused_kernel_checks.py"), "cpu"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "model", "fused_kernel_checks.py"), "cpu",
+                             "--record", record], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fused kernels match their references on cpu" in result.stdout
+    env.pop("TRITON_INTERPRET")
+    compiled = subprocess.run([sys.executable, os.path.join(root, "tests", "model", "triton_aot.py"), record],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    assert "compiled for sm_90" in compiled.stdout and "_attention_inputs_bwd" in compiled.stdout
 
 
 def test_cpu_fallbacks_are_the_references() -> None:
