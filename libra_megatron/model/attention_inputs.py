@@ -95,12 +95,10 @@ if triton is not None:
                  value.to(vision_ptr.dtype.element_ty), mask=mask & (is_vision != 0))
 
     @triton.jit
-    def _attention_inputs_fwd(
-        qkv_t, qkv_v, br_t, br_v, src_ptr, cos_ptr, sin_ptr, q_out_t, q_out_v, kt_out, vt_out, kv_out, vv_out,
-        qkv_t_s0, qkv_t_s1, qkv_t_s2, qkv_v_s0, qkv_v_s1, qkv_v_s2, br_t_s0, br_t_s1, br_t_s2,
-        br_v_s0, br_v_s1, br_v_s2, n_text, num_heads, rows_text, rows_vision,
-        D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, Q_SEQ: tl.constexpr,
-    ):
+    def _program_rows(src_ptr, n_text, num_heads, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        """Where a program (sequence row ``p``, head block) reads and writes: its heads and columns (and the RoPE
+        partner columns), the block mask, the row's modality and its row in the text or the vision tensor."""
         p = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         cols = tl.arange(0, BLOCK_D)
@@ -110,8 +108,18 @@ if triton is not None:
         s = tl.load(src_ptr + p).to(tl.int64)
         zero = heads[:, None] * 0 + cols[None, :] * 0  # scalars broadcast to the block (the interpreter needs it)
         is_vision = zero + (s >= n_text).to(tl.int32)
-        row_t, row_v = s, s - n_text
         row = zero + p
+        return p, heads, cols, col_ok, rolled, mask, is_vision, s, s - n_text, row
+
+    @triton.jit
+    def _attention_inputs_fwd(
+        qkv_t, qkv_v, br_t, br_v, src_ptr, cos_ptr, sin_ptr, q_out_t, q_out_v, kt_out, vt_out, kv_out, vv_out,
+        qkv_t_s0, qkv_t_s1, qkv_t_s2, qkv_v_s0, qkv_v_s1, qkv_v_s2, br_t_s0, br_t_s1, br_t_s2,
+        br_v_s0, br_v_s1, br_v_s2, n_text, num_heads, rows_text, rows_vision,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, Q_SEQ: tl.constexpr,
+    ):
+        p, heads, cols, col_ok, rolled, mask, is_vision, row_t, row_v, row = _program_rows(
+            src_ptr, n_text, num_heads, D, HALF, BLOCK_H, BLOCK_D)
         cos = tl.load(cos_ptr + p * D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + p * D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         out_off = p * num_heads * D + heads[:, None] * D + cols[None, :]
@@ -156,17 +164,8 @@ if triton is not None:
         br_v_s0, br_v_s1, br_v_s2, n_text, num_heads, rows_text, rows_vision,
         D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, Q_SEQ: tl.constexpr,
     ):
-        p = tl.program_id(0).to(tl.int64)
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        rolled = (cols + HALF) % D
-        mask = (heads[:, None] < num_heads) & col_ok[None, :]
-        s = tl.load(src_ptr + p).to(tl.int64)
-        zero = heads[:, None] * 0 + cols[None, :] * 0  # scalars broadcast to the block (the interpreter needs it)
-        is_vision = zero + (s >= n_text).to(tl.int32)
-        row_t, row_v = s, s - n_text
-        row = zero + p
+        p, heads, cols, col_ok, rolled, mask, is_vision, row_t, row_v, row = _program_rows(
+            src_ptr, n_text, num_heads, D, HALF, BLOCK_H, BLOCK_D)
         head_off = heads[:, None] * D
         seq_base = p * num_heads * D + head_off
         # queries
