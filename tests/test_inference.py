@@ -13,14 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
 from libra_megatron.data.samples import PieceKind, instruct_pieces
-from libra_megatron.data.sentencepiece_training import train_sentencepiece
-from libra_megatron.data.text_tokenizer import TextTokenizer
-from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
 from libra_megatron.inference import decode_output, prepare_batch, prompt_text_ids, vocab_of
 from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+from tests.hf_modeling.tiny import sentencepiece_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
-    spm_path = train_sentencepiece(tmp / "tokenizer.model", vocab_size=384)
-    tokenizer = TextTokenizer(spm_path)
-    config = LibraConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, contiguous_signal_size=128, bridge_rank=2)
-    torch.manual_seed(0)
-    model = LibraForCausalLM(config).eval()
-    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(config))
-    out = write_hf_libra(str(tmp / "export"), config, params, tokenizer_dir=str(tmp))
-    ImageTokenizer.tiny(seed=0).save_pretrained(out)
+    out, tokenizer = sentencepiece_export(tmp)
     rng = np.random.default_rng(0)
     for name, size in (("a.png", (40, 30)), ("b.png", (20, 50))):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp / name)

@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
+from libra_megatron.checkpoint.hf_libra import constant_buffers
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
 from tests.distributed import run_on_ranks
+from tests.hf_modeling.tiny import random_weights, write_export
 from tests.model.helpers import make_batch
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -32,20 +33,11 @@ TRAIN_FLAGS = ["--model-family", "libra", "--model", "tiny", "--seq-length", "60
 
 
 def _hf_weights(seed: int) -> LibraForCausalLM:
-    torch.manual_seed(seed)
-    model = LibraForCausalLM(LibraConfig(**TINY)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 1.0 if "embed" in name else param.shape[1] ** -0.5)
-    return model
+    return random_weights(LibraForCausalLM(LibraConfig(**TINY)), seed)
 
 
 def _write_hf(model: LibraForCausalLM, folder: str, dtype=torch.bfloat16) -> str:
-    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(model.config))
-    return write_hf_libra(folder, model.config, params, dtype=dtype)
+    return write_export(model, folder, dtype)
 
 
 def _tensors(folder: str):

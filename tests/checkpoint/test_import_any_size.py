@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
 from libra_megatron.checkpoint.safe_io import CheckpointError
 from libra_megatron.hf_modeling.configuration_libra import LibraConfig
 from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
 from tests.distributed import run_on_ranks
+from tests.hf_modeling.tiny import random_weights, write_export
 from tests.model.helpers import make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,16 +36,8 @@ def _tool():
 
 
 def _random_hf(folder: str) -> LibraForCausalLM:
-    torch.manual_seed(7)
-    model = LibraForCausalLM(LibraConfig(**SIZE)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 1.0 if "embed" in name else param.shape[1] ** -0.5)
-    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(model.config))
-    write_hf_libra(folder, model.config, params, dtype=torch.float32)
+    model = random_weights(LibraForCausalLM(LibraConfig(**SIZE)), seed=7)
+    write_export(model, folder, torch.float32)
     return model
 
 

@@ -11,12 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
-from libra_megatron.data.sentencepiece_training import train_sentencepiece
-from libra_megatron.data.text_tokenizer import TextTokenizer
-from libra_megatron.hf_modeling.configuration_libra import LibraConfig
-from libra_megatron.hf_modeling.modeling_libra import LibraForCausalLM
-from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+from tests.hf_modeling.tiny import sentencepiece_export
 
 FAST = ["--caption-metrics", "cider,bleu", "--caption-tokenizer", "simple", "--no-progress", "--device", "cpu",
         "--max-new-tokens", "3", "--batch-size", "2"]
@@ -25,15 +20,7 @@ FAST = ["--caption-metrics", "cider,bleu", "--caption-tokenizer", "simple", "--n
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    spm_path = train_sentencepiece(tmp / "tokenizer.model", vocab_size=384)
-    tokenizer = TextTokenizer(spm_path)
-    config = LibraConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, contiguous_signal_size=128, bridge_rank=2)
-    torch.manual_seed(0)
-    model = LibraForCausalLM(config).eval()
-    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(config))
-    out = write_hf_libra(str(tmp / "export"), config, params, tokenizer_dir=str(tmp), dtype=torch.float32)
-    ImageTokenizer.tiny(seed=0).save_pretrained(out)
+    out, tokenizer = sentencepiece_export(tmp, torch.float32)
     images = tmp / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

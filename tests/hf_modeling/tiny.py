@@ -64,3 +64,41 @@ def mixed_batch(seed: int = 0, batch: int = 2, trailing_image_patches: Optional[
     signal = torch.randn(batch, ids.shape[-1], 16, generator=g)
     patch = (vi >= 1) & (vi <= RESOLUTION**2)
     return ids, vi, signal * patch.unsqueeze(-1)
+
+
+def random_weights(model: LibraForCausalLM, seed: int) -> LibraForCausalLM:
+    """Every weight of ``model`` random (norms near 1, matrices with 1/sqrt(fan-in) scale, embeddings N(0, 1)), so
+    no zero-initialised expert or bridge hides a conversion error; ``model`` in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 1.0 if "embed" in name else param.shape[1] ** -0.5)
+    return model.eval()
+
+
+def write_export(model: LibraForCausalLM, folder: str, dtype: torch.dtype = torch.bfloat16,
+                 tokenizer_dir: Optional[str] = None) -> str:
+    """``model`` written as an HF Libra folder (the engine's export writer); its path."""
+    from libra_megatron.checkpoint.hf_libra import constant_buffers, write_hf_libra
+
+    params = ((k, v) for k, v in model.state_dict().items() if k not in constant_buffers(model.config))
+    return write_hf_libra(folder, model.config, params, tokenizer_dir=tokenizer_dir, dtype=dtype)
+
+
+def sentencepiece_export(folder, dtype: torch.dtype = torch.bfloat16):
+    """A 1-layer export with a trained 384-piece SentencePiece tokenizer and a tiny image tokenizer in ``folder``
+    / "export" (the generation and evaluation tools' input); (export path, text tokenizer)."""
+    from libra_megatron.data.sentencepiece_training import train_sentencepiece
+    from libra_megatron.data.text_tokenizer import TextTokenizer
+    from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
+
+    tokenizer = TextTokenizer(train_sentencepiece(folder / "tokenizer.model", vocab_size=384))
+    config = LibraConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, contiguous_signal_size=128, bridge_rank=2)
+    torch.manual_seed(0)
+    out = write_export(LibraForCausalLM(config).eval(), str(folder / "export"), dtype, tokenizer_dir=str(folder))
+    ImageTokenizer.tiny(seed=0).save_pretrained(out)
+    return out, tokenizer

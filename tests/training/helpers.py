@@ -20,8 +20,8 @@ def make_args(flags: Sequence[str], world_size: int, mock_data: bool = True):
 
 
 def losses(history_per_rank: List[List[Dict]], key: str = "lm_loss") -> List[float]:
-    """The loss sequence from whichever rank logged it (the last pipeline stage)."""
+    """The per-step series of ``key`` (a loss by default) from whichever rank logged it (the last pipeline stage)."""
     for history in history_per_rank:
-        if history and key in history[0]:
+        if history and history[0].get(key) is not None:
             return [record[key] for record in history]
-    raise AssertionError("no rank returned losses")
+    raise AssertionError(f"no rank logged {key}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.training.helpers import make_args
+from tests.training.helpers import losses, make_args
 
 FLAGS = [
     "--model-family", "libra", "--model", "tiny", "--num-layers", "2", "--seq-length", "640",
@@ -68,13 +68,6 @@ def _train(flags: List[str], world_size: int) -> List[Dict]:
     return pretrain(make_args(FLAGS + flags, world_size))
 
 
-def _series(history_per_rank: List[List[Dict]], key: str) -> List[float]:
-    for history in history_per_rank:
-        if history and history[0].get(key) is not None:
-            return [record[key] for record in history]
-    raise AssertionError(f"no rank logged {key}")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Dict[str, List[List[Dict]]]:
     init = str(tmp_path_factory.mktemp("padding") / "init")
@@ -91,9 +84,9 @@ def runs(tmp_path_factory) -> Dict[str, List[List[Dict]]]:
 @pytest.mark.parametrize("layout", ["dynamic", "pp2_dynamic"])
 def test_dynamic_padding_gives_the_fixed_padding_losses(runs: Dict, layout: str) -> None:
     for key in ("lm_loss", "text_loss", "image_loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(_series(runs[layout], key)), torch.tensor(_series(runs["fixed"], key)),
+        torch.testing.assert_close(torch.tensor(losses(runs[layout], key)), torch.tensor(losses(runs["fixed"], key)),
                                    rtol=1e-5, atol=0, msg=key)
     # the same real tokens were counted (padding excluded either way), in shorter micro-batches
-    assert _series(runs[layout], "tokens") == _series(runs["fixed"], "tokens")
-    assert _series(runs["fixed"], "seq_length") == [640, 640]
-    assert all(length < 640 and length % 16 == 0 for length in _series(runs[layout], "seq_length"))
+    assert losses(runs[layout], "tokens") == losses(runs["fixed"], "tokens")
+    assert losses(runs["fixed"], "seq_length") == [640, 640]
+    assert all(length < 640 and length % 16 == 0 for length in losses(runs[layout], "seq_length"))

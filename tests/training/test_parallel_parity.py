@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.training.helpers import make_args
+from tests.training.helpers import losses, make_args
 
 FLAGS = [
     "--model-family", "libra", "--model", "tiny", "--num-layers", "4", "--seq-length", "600",
@@ -30,13 +30,6 @@ def _train(flags: List[str], world_size: int) -> List[Dict]:
     from libra_megatron.training.loop import pretrain
 
     return pretrain(make_args(FLAGS + flags, world_size))
-
-
-def _series(history_per_rank: List[List[Dict]], key: str) -> List[float]:
-    for history in history_per_rank:
-        if history and history[0].get(key) is not None:
-            return [record[key] for record in history]
-    raise AssertionError(f"no rank logged {key}")
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +59,21 @@ def runs(tmp_path_factory) -> Dict[str, List[List[Dict]]]:
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vpp2", "dp2_distopt"])
 def test_five_steps_match_single_process(runs: Dict, layout: str) -> None:
-    reference = _series(runs["tp1"], "lm_loss")
+    reference = losses(runs["tp1"], "lm_loss")
     assert len(reference) == 5 and reference[-1] < reference[0], f"training did not lower the loss: {reference}"
-    torch.testing.assert_close(torch.tensor(_series(runs[layout], "lm_loss")[:5]), torch.tensor(reference),
+    torch.testing.assert_close(torch.tensor(losses(runs[layout], "lm_loss")[:5]), torch.tensor(reference),
                                rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(_series(runs[layout], "grad_norm")[:5]),
-                               torch.tensor(_series(runs["tp1"], "grad_norm")), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(losses(runs[layout], "grad_norm")[:5]),
+                               torch.tensor(losses(runs["tp1"], "grad_norm")), rtol=1e-5, atol=0)
     for key in ("text_loss", "image_loss"):
-        torch.testing.assert_close(torch.tensor(_series(runs[layout], key)[:5]),
-                                   torch.tensor(_series(runs["tp1"], key)), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(losses(runs[layout], key)[:5]),
+                                   torch.tensor(losses(runs["tp1"], key)), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["tp2_to_tp1", "tp2_to_pp2"])
 def test_checkpoint_saved_at_tp2_resumes_under_another_layout(runs: Dict, layout: str) -> None:
-    continued = _series(runs["tp2"], "lm_loss")[5:]
-    resumed = _series(runs[layout], "lm_loss")
+    continued = losses(runs["tp2"], "lm_loss")[5:]
+    resumed = losses(runs[layout], "lm_loss")
     assert len(resumed) == 2, f"expected steps 6 and 7 only, got {resumed}"
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(continued), rtol=1e-5, atol=0)
     consumed = [record["consumed_samples"] for record in runs[layout][-1]]
