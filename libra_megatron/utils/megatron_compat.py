@@ -101,6 +101,13 @@ def _inner_torch_optimizers(optimizer: Any) -> List[Any]:
     return [sub for sub in subs if getattr(sub, "optimizer", None) is not None]
 
 
+def _adam_step(group: Dict[str, Any], param: torch.Tensor, value: float) -> torch.Tensor:
+    """A ``step`` tensor where torch's Adam keeps it: on the parameter's device for the fused and capturable
+    implementations (``_fused_adamw_`` refuses a CPU step for CUDA parameters), a CPU scalar otherwise."""
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    return torch.tensor(value, dtype=torch.float32, device=param.device if on_device else "cpu")
+
+
 def ensure_adam_state(optimizer: Any) -> None:
     """Give every parameter of the torch optimizers inside a Megatron optimizer its Adam state (zeros, step 0) if
     it has none yet, exactly what torch creates on the first step (defect ``adam_step_on_fresh_optimizer``)."""
@@ -114,7 +121,8 @@ def ensure_adam_state(optimizer: Any) -> None:
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
-                state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+                if "step" not in state:
+                    state["step"] = _adam_step(group, param, 0.0)
 
 
 def load_optimizer_state(optimizer: Any, state_dict: Any) -> None:
@@ -160,7 +168,7 @@ def load_optimizer_state(optimizer: Any, state_dict: Any) -> None:
             for param in group["params"]:
                 state = sub.optimizer.state[param]
                 if "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    state["step"] = _adam_step(group, param, float(group["step"]))
 
 
 # -- pipeline schedules ------------------------------------------------------------------------------------------

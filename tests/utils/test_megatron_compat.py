@@ -248,3 +248,13 @@ def test_workarounds_are_off_once_fixed(name, monkeypatch):
     assert not megatron_compat.active(name)
     if name == "gloo_batched_p2p_same_peer":
         assert megatron_compat.batch_p2p_comm_is_safe(2, 2, "gloo")
+
+
+def test_adam_step_tensors_sit_where_torch_adam_keeps_them():
+    """Fused/capturable Adam keeps ``step`` on the parameter's device (a CPU step makes ``_fused_adamw_`` fail on
+    CUDA); the other implementations keep a CPU scalar. ``meta`` stands in for a CUDA parameter."""
+    param = torch.empty(3, device="meta")
+    assert megatron_compat._adam_step({"fused": True}, param, 4.0).device.type == "meta"
+    assert megatron_compat._adam_step({"capturable": True, "fused": None}, param, 4.0).device.type == "meta"
+    step = megatron_compat._adam_step({"fused": None, "foreach": True}, param, 4.0)
+    assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == 4.0
