@@ -20,8 +20,11 @@ What a graph bakes in and how it stays correct:
 Restrictions (checked, the eager path runs otherwise): CUDA tensors, TP = 1 (no NCCL calls inside a capture), PP = 1
 (a graph's activations live in its static memory, so each forward must be followed by its own backward before the
 next forward — megatron's no-pipelining schedule does that, 1F1B keeps several micro-batches in flight), no
-activation recompute, training mode with grad enabled, no module hooks on the layers (megatron DDP's
-``overlap_param_gather`` registers forward pre-hooks: capture is refused with an error naming the flag).
+activation recompute, training mode with grad enabled, no fused gradient accumulation (its ``main_grad`` writes
+are side effects a capture's warm-up would repeat and a replay cannot flag to DDP), no module hooks on the layers
+(megatron DDP's ``overlap_param_gather`` registers forward pre-hooks: capture is refused with an error naming the
+flag). At most ``MAX_LAYOUTS`` layouts are captured (each holds a stage's activations in its own memory pool); later
+layouts run eagerly. The trainer also asks for ``--sequence-padding fixed`` so a run has one layout.
 Tested on a GPU only (tests/model/test_cuda_graphs.py, run by bench/gpu_check_layer.sh).
 """
 from __future__ import annotations
@@ -53,8 +56,11 @@ class _StageLayers(torch.nn.Module):
         return stream
 
 
+MAX_LAYOUTS = 4
+
+
 class LayerGraphs:
-    """Per-layout cache of graphed callables of one stage's layers."""
+    """Per-layout cache of graphed callables of one stage's layers (at most ``MAX_LAYOUTS``)."""
 
     def __init__(self, layers: torch.nn.ModuleList) -> None:
         self.layers = layers
@@ -65,6 +71,7 @@ class LayerGraphs:
         """Whether this micro-batch can run through a graph (see the module docstring)."""
         return (bool(config.layer_cuda_graphs) and text.is_cuda and routing.uniform and training
                 and torch.is_grad_enabled() and config.recompute_granularity is None
+                and not config.gradient_accumulation_fusion
                 and parallel_state.get_tensor_model_parallel_world_size() == 1
                 and parallel_state.get_pipeline_model_parallel_world_size() == 1)
 
@@ -73,6 +80,8 @@ class LayerGraphs:
         cos, sin = routing.rotary.cos, routing.rotary.sin
         key = (tuple(routing.time_segments), routing.batch, routing.seq_length, text.dtype, text.device)
         graphed = self.graphs.get(key)
+        if graphed is None and len(self.graphs) >= MAX_LAYOUTS:  # no new memory pool: this layout runs eagerly
+            return tuple(_StageLayers(self.layers, routing)(text, vision, cos, sin))
         if graphed is None:
             graphed = self._capture(routing, text, vision, cos, sin)
             self.graphs[key] = graphed

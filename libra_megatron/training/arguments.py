@@ -306,6 +306,13 @@ def _validate_parallel(args: argparse.Namespace, world_size: int, model_shape: D
         _check(args.recompute_granularity is None, "--layer-cuda-graphs does not combine with --recompute-granularity")
         _check(not args.overlap_param_gather, "--layer-cuda-graphs does not combine with --overlap-param-gather "
                                               "(its module hooks cannot be captured)")
+        # the fused wgrad accumulation writes main_grad as a side effect: capture warm-ups would add into it, and a
+        # replay cannot set grad_added_to_main_grad, so DDP would add the placeholder grads as well
+        _check(not args.gradient_accumulation_fusion, "--layer-cuda-graphs needs --no-gradient-accumulation-fusion "
+                                                      "(the fused accumulation into main_grad cannot be captured)")
+        # one graph set per layout: dynamic padding gives a new sequence length (a new capture) every few steps
+        _check(args.sequence_padding == "fixed", "--layer-cuda-graphs needs --sequence-padding fixed (a graph is "
+                                                 "captured per sequence length)")
 
 
 def _validate_batch(args: argparse.Namespace) -> None:

@@ -3,6 +3,8 @@ where they are correct. The replay test needs a GPU (bench/gpu_check_layer.sh ru
 checked on CPU."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -55,15 +57,21 @@ def _applicability():
     uniform = make_batch("bos_image_caption")
     mixed = make_batch("mixed_offsets")
     out = {}
+    on_cuda = SimpleNamespace(is_cuda=True)  # what applicable() reads of the stream: a stand-in CUDA tensor
     for name, batch in (("uniform", uniform), ("mixed", mixed)):
         routing = build_micro_batch_routing(config, batch["vision_indices"], batch["position_ids"])
         out[name] = LayerGraphs.applicable(config, routing, torch.zeros(1), training=True)
+        out[f"{name}_cuda"] = LayerGraphs.applicable(config, routing, on_cuda, training=True)
+        fused = tiny_config(layer_cuda_graphs=True, gradient_accumulation_fusion=True)
+        out[f"{name}_cuda_fused_wgrad"] = LayerGraphs.applicable(fused, routing, on_cuda, training=True)
     return out
 
 
-def test_graphs_never_apply_on_cpu_or_to_mixed_layouts() -> None:
+def test_graphs_apply_only_to_cuda_uniform_layouts_without_fused_wgrad() -> None:
     (out,) = run_on_ranks(_applicability, world_size=1)
-    assert out == {"uniform": False, "mixed": False}  # CPU tensors: always eager
+    assert out == {"uniform": False, "mixed": False,  # CPU tensors: always eager
+                   "uniform_cuda": True, "mixed_cuda": False,
+                   "uniform_cuda_fused_wgrad": False, "mixed_cuda_fused_wgrad": False}
 
 
 def test_training_flag_reaches_the_config_and_bad_combinations_are_refused() -> None:
@@ -73,15 +81,19 @@ def test_training_flag_reaches_the_config_and_bad_combinations_are_refused() -> 
 
     def validated(*extra: str):
         args = parse_args(["--model", "tiny", "--mock-data", "--image-tokenizer", "tiny", "--train-iters", "1",
-                           "--layer-cuda-graphs",
-                           *extra])
+                           "--layer-cuda-graphs", *extra])
         family = get_family(args.model_family)
         return family, args, validate_args(args, 2, family.shape(args), dataset_files)
 
-    family, args, run = validated()
+    graphable = ("--no-gradient-accumulation-fusion", "--sequence-padding", "fixed")
+    family, args, run = validated(*graphable)
     assert family.build_config(run).layer_cuda_graphs is True
+    with pytest.raises(ConfigError, match="needs --no-gradient-accumulation-fusion"):
+        validated("--sequence-padding", "fixed")
+    with pytest.raises(ConfigError, match="needs --sequence-padding fixed"):
+        validated("--no-gradient-accumulation-fusion")
     for extra, message in [(("--tensor-model-parallel-size", "2"), "needs --tensor- and --pipeline"),
                            (("--recompute-granularity", "full"), "does not combine with --recompute"),
                            (("--use-distributed-optimizer", "--overlap-param-gather"), "--overlap-param-gather")]:
         with pytest.raises(ConfigError, match=message):
-            validated(*extra)
+            validated(*graphable, *extra)
