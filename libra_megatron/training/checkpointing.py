@@ -27,6 +27,7 @@ non-tensor parts as pickles, so load checkpoints you trust; untrusted weights co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -40,7 +41,13 @@ import numpy as np
 import torch
 
 from libra_megatron.training.checkpoint_integrity import checkpoint_problem, loud, set_aside_broken
-from libra_megatron.utils.megatron_compat import ensure_adam_state, load_optimizer_state, use_in_process_write_queue
+from libra_megatron.utils.megatron_compat import (
+    ensure_adam_state,
+    load_optimizer_state,
+    record_shard_write_errors,
+    take_shard_write_errors,
+    use_in_process_write_queue,
+)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 RUN_CONFIG_FILE = "run_config.json"  # the run's validated flags as plain JSON (e.g. the model architecture)
@@ -77,13 +84,21 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(folder)
 
 
 def finished_iterations(root: str) -> List[int]:
@@ -110,11 +125,15 @@ def _warn(message: str) -> None:
     print(loud(message), file=sys.stderr, flush=True)
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
+def latest_checkpoint(root: str, repair: bool = False) -> Optional[str]:
     """The newest *complete* checkpoint in ``root``: the one the marker names (or, without a marker, the newest
-    finished ``iter_*``), else -- loudly -- the newest complete older one; ``None`` when ``root`` holds none.
-    A broken checkpoint (truncated or missing shard) is set aside as ``iter_N.broken`` by rank 0, never used or
-    deleted, and the marker is moved to the fallback. Raises when checkpoints exist but none is complete."""
+    finished ``iter_*``), else the newest complete older one; ``None`` when ``root`` holds none. Raises when
+    checkpoints exist but none is complete.
+
+    Read-only unless ``repair``: only the trainer resuming from its own ``--load`` root repairs, and then -- loudly --
+    rank 0 sets a broken checkpoint (truncated or missing shard) aside as ``iter_N.broken`` (never used or deleted)
+    and moves the marker to the fallback. Looking a checkpoint up for its architecture, a dry run, a
+    ``--pretrained-checkpoint`` or a conversion never changes the folder."""
     if root is None or not os.path.isdir(root):
         return None
     tracker = os.path.join(root, TRACKER_FILENAME)
@@ -136,14 +155,14 @@ def latest_checkpoint(root: str) -> Optional[str]:
         path = checkpoint_dir(root, iteration)
         problem = checkpoint_problem(path) if os.path.isdir(path) else "the folder is missing"
         if problem is None:
-            if problems:
+            if problems and repair:
                 if _rank() == 0:
                     _write_atomic(tracker, f"{iteration}\n")
                 _warn("CHECKPOINT FALLBACK: " + "; ".join(problems) + f". Resuming from the previous complete "
                       f"checkpoint {path} instead (the broken one is kept, renamed *.broken, for inspection).")
             return path
         problems.append(f"{path} is BROKEN: {problem}")
-        if _rank() == 0 and os.path.isdir(path):
+        if repair and _rank() == 0 and os.path.isdir(path):
             try:
                 set_aside_broken(path, problem)
             except OSError:
@@ -253,8 +272,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
     use_in_process_write_queue()
     failure: Optional[BaseException] = None
-    _WRITE_ERRORS.clear()
-    _record_write_errors()
+    take_shard_write_errors()  # forget any earlier save's
+    record_shard_write_errors()
     try:
         dist_checkpointing.save(state, staging, content_metadata=content)
         if rank == 0:
@@ -271,8 +290,10 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     if rank == 0:
         if os.path.exists(final):  # an older save of the same iteration (e.g. re-run after a resume)
             problem = checkpoint_problem(final)
-            if problem is None:
-                shutil.rmtree(final)
+            if problem is None:  # moved aside first and deleted after the swap: a kill never leaves no folder
+                replaced = final + ".replaced" + PARTIAL_SUFFIX
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
             else:
                 _warn(f"{final} is BROKEN ({problem}): set aside as *.broken before saving iteration {iteration}")
                 set_aside_broken(final, problem)
@@ -284,32 +305,11 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     return final
 
 
-_WRITE_ERRORS: List[BaseException] = []
-
-
-def _record_write_errors() -> None:
-    """Keep the shard writers' own exceptions: megatron-core's threaded writer reports a failed write only as
-    ``RuntimeError('... error: <class OSError>')``, losing the errno that tells a full disk apart."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    original = FileSystemWriterAsync.write_preloaded_data
-    if getattr(original, "libra_records_errors", False):
-        return
-
-    def write_preloaded_data(*args, **kwargs):
-        output = original(*args, **kwargs)
-        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], BaseException):
-            _WRITE_ERRORS.append(output[1])
-        return output
-
-    write_preloaded_data.libra_records_errors = True
-    FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
-
-
 def _root_cause(failure: Optional[BaseException]) -> Optional[BaseException]:
     """The writer's own exception if one was recorded, else the innermost exception of the chain."""
-    if _WRITE_ERRORS:
-        return _WRITE_ERRORS[0]
+    recorded = take_shard_write_errors()
+    if recorded:
+        return recorded[0]
     seen = failure
     while seen is not None:
         inner = seen.__cause__ or seen.__context__
@@ -334,7 +334,7 @@ def _agree_on_save(failure: Optional[BaseException], root: str, staging: str, it
         shutil.rmtree(staging, ignore_errors=True)
     _barrier()
     cause = _root_cause(failure) if failure is not None else None
-    _WRITE_ERRORS.clear()
+    take_shard_write_errors()
     full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
     what = ("the disk is full (no space left on device)" if full else
             f"{type(cause).__name__}: {cause}" if cause is not None else "another rank failed to write its part")
@@ -349,14 +349,16 @@ def _agree_on_save(failure: Optional[BaseException], root: str, staging: str, it
 
 
 def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
-    """Remove killed saves' leftovers, then all but the newest ``keep_last`` *complete* checkpoints (``keep``, the
-    one just saved, included). Broken folders are never deleted (nor counted)."""
+    """Remove killed saves' leftovers (and a replaced copy of the iteration just saved), then all but the newest
+    ``keep_last`` *complete* checkpoints up to ``keep``, the one just saved, included. Broken folders are never
+    deleted (nor counted); nor are checkpoints newer than ``keep`` (a run rolled back with ``--ckpt-step``: they are
+    another branch of the run, left for the user)."""
     for name in os.listdir(root):  # leftovers of killed saves (the current save was renamed already)
         if name.endswith(PARTIAL_SUFFIX):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last is None:
         return
-    complete = [i for i in finished_iterations(root) if i != keep
+    complete = [i for i in finished_iterations(root) if i < keep
                 and checkpoint_problem(checkpoint_dir(root, i)) is None]
     for iteration in complete[: max(0, len(complete) - (keep_last - 1))]:
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)

@@ -206,11 +206,12 @@ class Trainer:
         )
 
         args = self.args
-        path = latest_checkpoint(args.load) if args.load else None
         if args.load and args.ckpt_step is not None:
             path = checkpoint_dir(args.load, args.ckpt_step)
             if not os.path.isfile(os.path.join(path, "metadata.json")):
                 raise FileNotFoundError(f"--ckpt-step {args.ckpt_step}: no finished checkpoint at {path}")
+        else:  # the run's own root: a broken newest checkpoint is set aside (loudly) and the marker repaired
+            path = latest_checkpoint(args.load, repair=True) if args.load else None
         if path is not None:
             return load_checkpoint(path, self.model, self.optimizer, self.scheduler, args, weights_only=args.finetune)
         if args.pretrained_checkpoint:

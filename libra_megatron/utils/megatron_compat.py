@@ -57,6 +57,10 @@ DEFECTS: Dict[str, Defect] = {d.name: d for d in (
            "interleaved pipeline schedule with PP=2 and batch_p2p_comm=True on gloo: previous and next stage are "
            "the same peer and the batched isend/irecv pair activations with gradients (wrong losses, no error)",
            affected_since="0.12.0"),
+    Defect("writer_drops_write_error",
+           "the threaded checkpoint writer turns a failed shard write into RuntimeError('... error: <class "
+           "OSError>'): the writer's exception, and the errno that tells a full disk apart, are lost",
+           affected_since="0.12.0"),
     Defect("import_time_fallback_notices",
            "importing megatron.core without Transformer Engine/Apex warns on every rank that it falls back to "
            "torch implementations (expected here: this project ships its own kernels)",
@@ -93,6 +97,41 @@ def use_in_process_write_queue() -> None:
 
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
+
+
+_SHARD_WRITE_ERRORS: List[BaseException] = []
+
+
+def record_shard_write_errors() -> None:
+    """While defect ``writer_drops_write_error`` is present, keep each shard writer's own exception for
+    :func:`take_shard_write_errors` (``FileSystemWriterAsync.write_preloaded_data`` wrapped once per process, its
+    signature kept: megatron inspects it)."""
+    if not active("writer_drops_write_error"):
+        return
+    import functools
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.write_preloaded_data
+    if getattr(original, "libra_records_errors", False):
+        return
+
+    @functools.wraps(original)
+    def write_preloaded_data(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], BaseException):
+            _SHARD_WRITE_ERRORS.append(output[1])
+        return output
+
+    write_preloaded_data.libra_records_errors = True
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
+
+
+def take_shard_write_errors() -> List[BaseException]:
+    """The shard writers' exceptions recorded since the last call (and forget them)."""
+    errors = list(_SHARD_WRITE_ERRORS)
+    _SHARD_WRITE_ERRORS.clear()
+    return errors
 
 
 # -- the distributed optimizer on torch's AdamW ------------------------------------------------------------------

@@ -96,7 +96,13 @@ def test_missing_shard_is_detected_loudly_and_cleanup_keeps_the_fallback(referen
     root = str(tmp_path / "missing")
     shutil.copytree(pristine, root, symlinks=True)
     os.remove(os.path.join(checkpoint_dir(root, 4), _shards(checkpoint_dir(root, 4))[0]))
+    before = sorted(os.listdir(root))
+    # a lookup (architecture, dry run, --pretrained-checkpoint, conversion) falls back without touching the folder
     assert latest_checkpoint(root) == checkpoint_dir(root, 2)
+    assert sorted(os.listdir(root)) == before and capsys.readouterr().err == ""
+    assert open(os.path.join(root, "latest_checkpointed_iteration.txt")).read().strip() == "4"
+    # the trainer resuming its own --load root repairs, loudly
+    assert latest_checkpoint(root, repair=True) == checkpoint_dir(root, 2)
     err = capsys.readouterr().err
     assert "CHECKPOINT FALLBACK" in err and "is missing" in err and "iter_0000004" in err
     assert os.path.isdir(checkpoint_dir(root, 4) + ".broken")
@@ -112,6 +118,13 @@ def test_missing_shard_is_detected_loudly_and_cleanup_keeps_the_fallback(referen
     assert all(os.path.isdir(checkpoint_dir(root, i)) for i in (2, 4, 6))
     _prune(root, keep_last=1, keep=6)
     assert not os.path.isdir(checkpoint_dir(root, 2)) and os.path.isdir(broken)
+    # after a --ckpt-step rollback (resumed at 2, saved 3): 4 and 6 belong to the abandoned branch, never pruned
+    root = str(tmp_path / "rollback")
+    shutil.copytree(pristine, root, symlinks=True)
+    for iteration in (3, 6):
+        shutil.copytree(checkpoint_dir(root, 4), checkpoint_dir(root, iteration), symlinks=True)
+    _prune(root, keep_last=1, keep=3)
+    assert [os.path.isdir(checkpoint_dir(root, i)) for i in (2, 3, 4, 6)] == [False, True, True, True]
 
 
 def test_full_disk_save_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):

@@ -239,6 +239,41 @@ def test_defect_import_time_fallback_notices():
     assert all(action == "ignore" for action, _ in notices), notices
 
 
+# -- the checkpoint writer's lost exception ------------------------------------------------------------------------
+_FAILED_WRITE = """
+import errno, inspect, os, queue, sys, tempfile
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from libra_megatron.utils import megatron_compat
+
+def failed_write():
+    results = queue.Queue()
+    missing = os.path.join(tempfile.mkdtemp(), "no-such-folder", "shard.distcp")  # ENOENT, as ENOSPC would be
+    FileSystemWriterAsync.write_preloaded_data_multithread([], False, 0, [(missing, "key", ([], []))], results)
+    return results.get()
+
+upstream = failed_write()
+print("upstream", type(upstream).__name__, getattr(upstream, "errno", None), "No such file" in str(upstream))
+before = len(inspect.signature(FileSystemWriterAsync.write_preloaded_data).parameters)
+megatron_compat.record_shard_write_errors()
+megatron_compat.record_shard_write_errors()  # installed once
+failed_write()
+errors = megatron_compat.take_shard_write_errors()
+after = len(inspect.signature(FileSystemWriterAsync.write_preloaded_data).parameters)
+print("recorded", len(errors), type(errors[0]).__name__, errors[0].errno == errno.ENOENT, before == after,
+      megatron_compat.take_shard_write_errors() == [])
+"""
+
+
+def test_defect_writer_drops_write_error():
+    out = subprocess.run([sys.executable, "-c", _FAILED_WRITE], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("upstream", "recorded")))
+    assert "upstream" in lines, out.stdout + out.stderr
+    assert lines["upstream"] == "RuntimeError None False", fixed_upstream("writer_drops_write_error")
+    # the workaround: the writer's own FileNotFoundError with its errno; megatron's signature check still sees 7
+    assert lines.get("recorded") == "1 FileNotFoundError True True True", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("name", sorted(DEFECTS))
 def test_workarounds_are_off_once_fixed(name, monkeypatch):
     """With ``fixed_in`` at or below the installed version, the gate turns the workaround off."""
