@@ -86,15 +86,22 @@ def _nonfinite_samples(reports: List[Dict[str, torch.Tensor]]) -> List[int]:
 
 
 class _SignalFlag:
-    """Remembers a SIGTERM so the loop can save and exit at the next step boundary."""
+    """Remembers a SIGTERM so the loop can save and exit at the next step boundary; :meth:`restore` puts the
+    process's previous handler back (the loop may run inside a longer-lived process)."""
 
     def __init__(self, enabled: bool) -> None:
         self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._handle)
+        self._previous: Any = signal.signal(signal.SIGTERM, self._handle) if enabled else None
+        self._enabled = enabled
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = True
+
+    def restore(self) -> None:
+        """Reinstate the SIGTERM handler that was in place before this flag."""
+        if self._enabled:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._enabled = False
 
 
 def train_step(forward_step: Callable, micro_batches: List[Dict[str, torch.Tensor]], model: List[torch.nn.Module],
@@ -282,8 +289,9 @@ class Trainer:
                                          timers=self.timers)
                 iteration += 1
                 consumed += args.global_batch_size
-                evaluate_now = evaluation_due(args, iteration)
-                caption_now = captioning_due(args, iteration)
+                # a SIGTERM (preemption) saves and exits at once: no evaluation or captioning eats the grace period
+                evaluate_now = evaluation_due(args, iteration) and not outcome.stop_signal
+                caption_now = captioning_due(args, iteration) and not outcome.stop_signal
                 save_now = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
                 stop_now = outcome.stop_signal or bool(args.exit_interval and iteration % args.exit_interval == 0)
                 boundary = (iteration % args.log_interval == 0 or iteration >= args.train_iters or evaluate_now
@@ -321,6 +329,7 @@ class Trainer:
             if args.save and last_saved != iteration:
                 self.save(iteration, consumed)
         finally:
+            signals.restore()
             self.profiler.close()
             self.logger.close()
         return self.history
