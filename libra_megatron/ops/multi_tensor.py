@@ -19,7 +19,6 @@ single host read left per step is the trainer logging the grad norm (``docs/desi
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -100,9 +99,3 @@ def install_into_megatron() -> bool:
     clip_grads.multi_tensor_scale_impl = multi_tensor_scale
     clip_grads.multi_tensor_scale_tensor_impl = multi_tensor_scale_tensor
     return True
-
-
-def installed_in_megatron() -> bool:
-    """Whether megatron's gradient clipping currently uses these kernels."""
-    clip_grads = sys.modules.get("megatron.core.optimizer.clip_grads")
-    return clip_grads is not None and clip_grads.l2_norm_impl is multi_tensor_l2norm

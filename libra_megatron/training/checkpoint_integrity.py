@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 BROKEN_SUFFIX = ".broken"
 
@@ -61,8 +61,3 @@ def loud(message: str) -> str:
     """A message framed so it stands out in a training log."""
     bar = "!" * 100
     return f"\n{bar}\n{message}\n{bar}"
-
-
-def complete_iterations(root: str, iterations: List[int], folder) -> List[int]:
-    """The iterations (ascending) whose folders pass :func:`checkpoint_problem`."""
-    return [i for i in iterations if checkpoint_problem(folder(root, i)) is None]

@@ -342,7 +342,8 @@ def _agree_on_save(failure: Optional[BaseException], root: str, staging: str, it
     tracker = os.path.join(root, TRACKER_FILENAME)
     if os.path.isfile(tracker):
         with open(tracker) as handle:
-            previous = checkpoint_dir(root, int(handle.read().strip() or 0))
+            text = handle.read().strip()
+        previous = checkpoint_dir(root, int(text)) if text.isdigit() else None
     raise RuntimeError(f"saving checkpoint iteration {iteration} into {root} failed: {what}. Nothing was committed: "
                        + (f"the previous checkpoint {previous} is intact and will be resumed from" if previous else
                           "no earlier checkpoint exists") + ("; free space and restart" if full else "")) from failure

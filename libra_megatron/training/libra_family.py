@@ -4,7 +4,7 @@ Feeding: every stage gets ``vision_indices``/``position_ids``/``segment_ids`` (r
 ``tokens`` and the CLIP features of the micro-batch's images, the last stage ``labels``; the last stage returns the
 per-position loss, reduced by ``libra_loss_reduction`` into total / text / image sums and token counts.
 
-FLOPs (:func:`libra_step_flops`), per training step, for the tokens actually present:
+FLOPs (:class:`LibraStepFlops`), per training step, for the tokens actually present:
 
 * a GEMM with N weights costs 2N per token forward; backward adds 2N for the input gradient and 2N more for the
   weight gradient only when the weight trains: frozen 4N, trainable 6N (``pretrain`` freezes the LLaMA weights);
@@ -131,11 +131,6 @@ class LibraStepFlops:
         if self.clip is not None:
             flops += clip_forward_flops(self.clip, stats.images)
         return flops
-
-
-def libra_step_flops(config: Any, stats: BatchStats, stage: str, clip: Optional[Dict[str, int]]) -> float:
-    """Model FLOPs of one training step (forward + backward) of Libra on the tokens of ``stats``."""
-    return LibraStepFlops.for_run(config, stage, clip)(stats)
 
 
 def _flops_counter(args: argparse.Namespace, config: Any) -> LibraStepFlops:

@@ -102,12 +102,6 @@ def reduce_pending_losses(packed: List[torch.Tensor], stats: List[BatchStats], n
     return out
 
 
-def reduce_step_losses(reports: List[Dict[str, torch.Tensor]], stats: BatchStats, num_microbatches: int,
-                       per_token: bool, dp_group: Any) -> tuple:
-    """One step's :func:`reduce_pending_losses` (kept for callers that log every step)."""
-    return reduce_pending_losses([pack_step_losses(reports)], [stats], num_microbatches, per_token, dp_group)[0]
-
-
 class MetricsLogger:
     """Formats and writes step records (only the last rank writes anything)."""
 

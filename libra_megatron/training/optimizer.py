@@ -72,10 +72,3 @@ def fused_optimizer_kernels() -> Iterator[bool]:
         yield True
     finally:
         megatron_optimizer.Adam, megatron_optimizer.USING_PYTORCH_OPTIMIZER = saved
-
-
-def inner_optimizers(optimizer: Any) -> list:
-    """The torch optimizers inside a megatron optimizer (chained or not), e.g. to check which class runs."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    parts = chained if chained is not None else [optimizer]
-    return [part.optimizer for part in parts if getattr(part, "optimizer", None) is not None]
