@@ -29,6 +29,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,7 +53,7 @@ def _expand_braces(pattern: str) -> list[str]:
     return [p for i in range(int(first), int(last) + 1) for p in _expand_braces(f"{head}{i:0{width}d}{tail}")]
 
 
-def parse_args(argv=None) -> PreprocessConfig:
+def parse_args(argv: Optional[Sequence[str]] = None) -> PreprocessConfig:
     """Command-line flags -> :class:`PreprocessConfig`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io_group = parser.add_argument_group("input / output")
@@ -106,7 +107,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     )
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the job; exit status 0 when done, 2 for bad arguments/input or when no sample is kept."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
     try:

@@ -46,6 +46,7 @@ class PartStore:
         self.directory = output_prefix + ".parts"
 
     def part_prefix(self, chunk_id: int) -> str:
+        """``PREFIX.parts/chunk-{chunk_id:08d}`` (add ``.bin`` / ``.idx`` / ``.json``)."""
         return os.path.join(self.directory, f"chunk-{chunk_id:08d}")
 
     def _tmp_prefix(self, chunk_id: int) -> str:
@@ -112,6 +113,7 @@ class PartStore:
         return record
 
     def missing(self, chunk_ids: Sequence[int]) -> List[int]:
+        """The ids of ``chunk_ids`` without a complete, intact committed part."""
         return [c for c in chunk_ids if self.chunk_record(c) is None]
 
     def merge(self, chunk_ids: Sequence[int], dtype: type, sidecar: Dict[str, Any]) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from libra_megatron.data.sources import Chunk, build_source
 from libra_megatron.data.text_tokenizer import TextTokenizer
 from libra_megatron.data.workers import WorkerPool, ordered_results
 from libra_megatron.tokenizer.image_processing import IMAGE_SIZE, normalize_pixels
+
+if TYPE_CHECKING:
+    from libra_megatron.tokenizer.image_tokenizer import ImageTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class PreprocessConfig:
     worker_timeout_s: float = 600.0  # --worker-timeout: seconds one record may take in a decode worker
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag when a setting is out of range or inconsistent."""
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"--rank must be in [0, --world-size={self.world_size}), got {self.rank}")
         if self.pixel_format not in PIXEL_FORMATS:
@@ -93,7 +97,8 @@ def _resolve_device(config: PreprocessConfig) -> tuple[torch.device, torch.dtype
     return device, dtype
 
 
-def load_image_tokenizer(config: PreprocessConfig, device: torch.device, dtype: torch.dtype):
+def load_image_tokenizer(config: PreprocessConfig, device: torch.device,
+                         dtype: torch.dtype) -> Tuple["ImageTokenizer", Dict[str, Any]]:
     """The frozen image tokenizer and its identity (name, weights sha256, device type, dtype)."""
     from libra_megatron.tokenizer import image_tokenizer as it
 
@@ -198,7 +203,8 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
 
     # The pool forks before any torch work so the workers inherit no OpenMP state.
-    # A chunk is redone when it has no committed record, or one that is not final (a worker crash / timeout).
+    # A chunk is redone when it has no committed record, or one that is not final (a worker crash / timeout, a
+    # shard I/O error).
     todo = [c for c in mine if not store.is_final(c.chunk_id)] if config.merge != "only" else []
     pool = None
     if todo and config.workers > 0:
@@ -248,8 +254,8 @@ def run_preprocessing(config: PreprocessConfig) -> Dict[str, Any]:
     if pool is not None:
         summary["workers_replaced"] = summary_workers_replaced
     if summary["retryable"]:
-        logger.warning("%d record(s) failed in decode workers (crash or timeout) and were rejected for now; rerun "
-                       "the same command to retry them", summary["retryable"])
+        logger.warning("%d record(s) failed for a passing reason (decode worker crash or timeout, shard I/O error) "
+                       "and were rejected for now; rerun the same command to retry them", summary["retryable"])
     elapsed = time.perf_counter() - start
     summary["rejected_by_reason"] = count_by_reason(rejects)
     summary["rejected"] = len(rejects)
@@ -283,8 +289,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
     for reason, count in summary["rejected_by_reason"].items():
         lines.append(f"    {reason:<20s} {count}")
     if summary.get("retryable"):
-        lines.append(f"  {summary['retryable']} record(s) failed in decode workers (crash/timeout): their chunks are "
-                     "not final; rerun the same command to retry them")
+        lines.append(f"  {summary['retryable']} record(s) failed for a passing reason (worker crash/timeout, shard "
+                     "I/O error): their chunks are not final; rerun the same command to retry them")
     if "dataset" in summary:
         d = summary["dataset"]
         lines.append(f"dataset {d['prefix']}: {d['samples']} samples, {d['images']} images, {d['text_tokens']} text "
@@ -293,4 +299,5 @@ def format_summary(summary: Dict[str, Any]) -> str:
 
 
 def summary_json(summary: Dict[str, Any]) -> str:
+    """The summary as one line of JSON (sorted keys: stable output for scripts)."""
     return json.dumps(summary, sort_keys=True)

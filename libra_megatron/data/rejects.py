@@ -23,7 +23,8 @@ image_tag_mismatch the number of ``<image>`` tags does not match the number of i
 empty_turn         an empty human or assistant turn
 unsafe_member_path a tar member whose path escapes the archive (absolute, ``..``) or is a link/device
 duplicate_key      a webdataset key used by more than one sample of a shard (never merged)
-unreadable_shard   a tar shard that cannot be opened at all
+unreadable_shard   a tar shard that is not a (compressed) tar archive at all
+shard_io_error     an I/O error (``OSError``) while opening or reading a shard (retryable: the next run rereads it)
 truncated_shard    a shard cut inside a member (that sample), or without its end-of-archive marker (the tail,
                    reported under the last good key); every complete sample before it is kept
 worker_crash       the decode worker died on the record twice (retryable: the next run retries it)
@@ -39,7 +40,7 @@ from typing import Dict, Iterable
 
 # Rejections caused by the machine rather than the data: a chunk holding one is not committed as final, so the
 # next run with the same arguments retries it.
-RETRYABLE_REASONS = frozenset({"worker_crash", "timeout"})
+RETRYABLE_REASONS = frozenset({"worker_crash", "timeout", "shard_io_error"})
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,15 @@ class WebDatasetSource:
         self.max_member_bytes = max_member_bytes
 
     def describe(self) -> Dict[str, Any]:
+        """The input part of the resume fingerprint (and of the sidecar's ``inputs``)."""
         return {"format": "webdataset", "inputs": self.shards}
 
     def chunks(self) -> List[Chunk]:
+        """One chunk per shard, numbered in argument order."""
         return [Chunk(i, shard) for i, shard in enumerate(self.shards)]
 
     def read(self, chunk: Chunk) -> Iterator[Item]:
+        """The records (and rejections) of one shard, in member order."""
         yield from read_shard(chunk.source, self.max_member_bytes)
 
 
@@ -124,6 +127,10 @@ class CaptionFileSource(_AnnotationSource):
         super().__init__(path, image_root, chunk_size)
         self.image_key, self.caption_key = image_key, caption_key
 
+    def describe(self) -> Dict[str, Any]:
+        """The resume fingerprint of the input, the column/field names included."""
+        return dict(super().describe(), image_key=self.image_key, caption_key=self.caption_key)
+
     def _parse(self) -> Iterator[Item]:
         if self.path.lower().endswith(".csv"):
             rows, prefix = csv_rows(self.path, [self.image_key, self.caption_key]), "row"
@@ -169,6 +176,9 @@ class CocoKarpathySource(_AnnotationSource):
                 yield self.bad(key, line, f"field 'image' is a {_type_name(image)}, not a path")
                 continue
             captions = entry.get("caption")
+            if captions == []:
+                yield Rejected(self.path, key, "missing_caption", f"line {line}: empty 'caption' list")
+                continue
             captions = captions if isinstance(captions, list) else [captions]
             for j, caption in enumerate(captions):
                 caption_key = key if len(captions) == 1 else f"{key}.{j}"
@@ -232,10 +242,14 @@ class LlavaSource(_AnnotationSource):
 
 def build_source(input_format: str, inputs: Sequence[str], image_root: Optional[str] = None,
                  chunk_size: int = 1000, image_key: str = "image", caption_key: str = "caption",
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
-    """The reader for ``--input-format`` (webdataset, image-folder, coco-karpathy, llava)."""
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Union[WebDatasetSource, _AnnotationSource]:
+    """The reader for ``--input-format`` (webdataset, image-folder, coco-karpathy, llava). A webdataset shard that
+    does not exist (or a glob matching no file) raises ``FileNotFoundError``: it is a wrong argument, not a reject."""
     paths = expand_inputs(inputs)
     if input_format == "webdataset":
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--input: webdataset shard not found (or not a file): {path}")
         return WebDatasetSource(paths, max_image_bytes)
     if len(paths) != 1:
         raise ValueError(f"--input-format {input_format} takes exactly one annotation file, got {len(paths)}")

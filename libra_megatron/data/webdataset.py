@@ -11,7 +11,10 @@ reader guarantees, for every shard (see ``docs/design.md#preprocessing-failure-c
 - the shard must end with its end-of-archive marker (a zero block). A shard cut inside a member rejects that
   sample as ``truncated_shard``; a shard cut at a header or member boundary (or ending in garbage) keeps every
   complete sample and reports its tail as ``truncated_shard`` naming the last good key. A read error (also of a
-  gzip stream) keeps every complete sample before it.
+  gzip stream) keeps every complete sample before it;
+- an I/O error of the file system (``OSError`` while opening or reading the shard: permissions, EIO, a vanished
+  network mount) is not a property of the data: it is reported as ``shard_io_error``, a *retryable* reason, so the
+  chunk is not committed as final and the next run reads the shard again.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def _sample_record(shard: str, sample: _Sample) -> Union[RawRecord, Rejected]:
             return Rejected(shard, key, "bad_record", f"{name}: invalid JSON ({exc})")
         if not isinstance(meta, dict):
             return Rejected(shard, key, "bad_record", f"{name}: a {type(meta).__name__}, not a JSON object")
-        if "caption" in meta:
+        if meta.get("caption") is not None:  # null is absent (as in the annotation formats): .txt, else missing
             if not isinstance(meta["caption"], str):
                 return Rejected(shard, key, "bad_record",
                                 f"{name}: field 'caption' is a {type(meta['caption']).__name__}, not text")
@@ -131,10 +134,19 @@ class _ShardReader:
         after = f"after the last good key {last!r}" if last is not None else "before any good sample"
         return Rejected(self.shard, last or "", "truncated_shard", f"{why} {after}; the rest of the shard is lost")
 
+    def io_error(self, what: str, exc: OSError) -> Rejected:
+        """The retryable report of an I/O error of the file system (the next run reads the shard again)."""
+        return Rejected(self.shard, self.last_good or "", "shard_io_error",
+                        f"{what} ({type(exc).__name__}: {exc}) after the last good key {self.last_good!r}; "
+                        "a rerun retries this shard")
+
     def read(self) -> Iterator[Union[RawRecord, Rejected]]:
         """Every sample of the shard in order, then the tail report when the shard does not end properly."""
         try:
             archive = tarfile.open(self.shard, mode="r|*", tarinfo=_EndMarkerTarInfo)
+        except OSError as exc:
+            yield self.io_error("cannot open", exc)
+            return
         except _READ_ERRORS as exc:
             yield Rejected(self.shard, "", "unreadable_shard", f"cannot open: {exc}")
             return
@@ -145,12 +157,21 @@ class _ShardReader:
                     member = next(members)
                 except StopIteration:
                     break
+                except OSError as exc:
+                    yield from self.flush()
+                    yield self.io_error("read error", exc)
+                    return
                 except _READ_ERRORS as exc:  # a bad next header / compressed stream: the run so far is complete
                     yield from self.flush()
                     yield self.tail_lost(f"read error ({type(exc).__name__}: {exc})")
                     return
                 try:
                     self.add(archive, member)
+                except OSError as exc:
+                    self.run.pop()
+                    yield from self.flush()
+                    yield self.io_error(f"read error in member {member.name!r}", exc)
+                    return
                 except _READ_ERRORS as exc:  # the data of this member ends early: its sample is incomplete
                     broken = self.run.pop()
                     yield from self.flush()

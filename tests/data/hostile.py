@@ -131,6 +131,8 @@ def write_coco(root: str) -> Tuple[str, Dict[str, str]]:
     index = len(entries)
     expected[f"{index}.0"], expected[f"{index}.1"] = KEPT, "bad_record"
     entries.append(json.dumps({"image": "good0.png", "caption": ["two captions", ["not", "text"]]}).encode())
+    expected[str(len(entries))] = "missing_caption"
+    entries.append(json.dumps({"image": "good0.png", "caption": []}).encode())
     path = os.path.join(root, "coco.json")
     with open(path, "wb") as handle:
         handle.write(_json_list(entries))
@@ -192,7 +194,8 @@ def write_shards(root: str, compress: bool) -> Tuple[List[str], List[str], List[
     suffix = ".tar.gz" if compress else ".tar"
     shards: Dict[str, bytes] = {}
     # 1: duplicates (in a row; and 's0' again later, whose first sample stays), an oversized member, a long
-    #    caption without spaces, an escaping member, a non-UTF-8 and a wrongly typed caption
+    #    caption without spaces, an escaping member, a non-UTF-8 and a wrongly typed caption, a null caption (absent:
+    #    the .txt is used, or without one missing_caption)
     shards["dups"] = _tar_bytes(
         good(0)
         + [("a.png", _png(1)), ("a.json", caption_json("first")), ("a.jpg", _png(2)), ("a.json", caption_json("2nd"))]
@@ -203,6 +206,8 @@ def write_shards(root: str, compress: bool) -> Tuple[List[str], List[str], List[
         + [("s0.png", _png(6)), ("s0.json", caption_json("again"))]
         + [("latin.png", _png(7)), ("latin.json", b'{"caption": "caf' + BAD_UTF8 + b'"}')]
         + [("typed.png", _png(8)), ("typed.json", b'{"caption": ["a", "b"]}')]
+        + [("nulltxt.png", _png(20)), ("nulltxt.json", b'{"caption": null}'), ("nulltxt.txt", b"from the txt")]
+        + [("null.png", _png(21)), ("null.json", b'{"caption": null, "url": "x"}')]
     )
     # 2: no end-of-archive marker (cut exactly at a member boundary)
     shards["nomarker"] = _tar_bytes(good(10) + good(11), end_marker=False)
@@ -214,10 +219,10 @@ def write_shards(root: str, compress: bool) -> Tuple[List[str], List[str], List[
     full = _tar_bytes(good(15) + good(16))
     _, data_at = _member_offsets(full)["s16.png"]
     shards["cutdata"] = full[: data_at + 10]
-    kept = ["s0", "s3", "long", "s10", "s11", "s12", "s13", "s15"]
+    kept = ["s0", "s3", "long", "nulltxt", "s10", "s11", "s12", "s13", "s15"]
     rejected = [("dups", "a", "duplicate_key"), ("dups", "a", "duplicate_key"), ("dups", "big", "image_too_large"),
                 ("dups", "../up", "unsafe_member_path"), ("dups", "s0", "duplicate_key"), ("dups", "latin", "bad_record"),
-                ("dups", "typed", "bad_record"), ("nomarker", "s11", "truncated_shard"),
+                ("dups", "typed", "bad_record"), ("dups", "null", "missing_caption"), ("nomarker", "s11", "truncated_shard"),
                 ("cuthead", "s13", "truncated_shard"), ("cutdata", "s16", "truncated_shard")]
     paths = []
     for name, data in shards.items():
