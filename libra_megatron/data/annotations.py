@@ -65,6 +65,8 @@ def csv_rows(path: str, required: List[str]) -> Iterator[Tuple[int, Optional[dic
     def good_lines() -> Iterator[str]:
         for number, text, error in decoded_lines(path):
             if error is not None:
+                if not line_of_next:  # the first line is the header: without it every column would shift
+                    raise ValueError(f"{path}: line {number}: the CSV header is not UTF-8")
                 errors.append((number, error))
                 continue
             line_of_next.append(number)

@@ -54,11 +54,11 @@ def read_image_file(paths: Sequence[str], root: str, max_bytes: int) -> bytes:
         try:
             info = os.fstat(fd)
             _check_regular(path, info, max_bytes)  # the file that was opened, not the one stat saw
-            chunks = [os.read(fd, info.st_size + 1)]  # one read of the known size (a short read is the end)
-            total = len(chunks[0])
-            while total > info.st_size and total <= max_bytes:  # it grew after the stat: read on, bounded
-                chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-                if not chunk:
+            chunks, total = [], 0
+            while total <= max_bytes:  # the known size (+1 byte to see growth); a read may return less
+                want = info.st_size + 1 - total if total <= info.st_size else min(1 << 20, max_bytes + 1 - total)
+                chunk = os.read(fd, want)
+                if not chunk:  # end of file (only an empty read is the end)
                     break
                 chunks.append(chunk)
                 total += len(chunk)

@@ -68,7 +68,8 @@ def _worker_main(connection, settings: PrepareSettings, inherited: List, parent_
 class _Task:
     seq: int
     record: RawRecord
-    attempts: int = 0
+    attempts: int = 0  # sends that reached a live worker
+    lost_sends: int = 0  # sends to a worker that was already gone (bounded: workers that die before any work)
 
 
 class _Worker:
@@ -85,14 +86,16 @@ class _Worker:
         self.deadline = float("inf")
 
     def assign(self, task: _Task, timeout: float) -> bool:
-        """Send ``task``; ``False`` when the worker is already gone."""
-        task.attempts += 1
+        """Send ``task``; ``False`` when the worker is already gone (then it is no attempt: the record never
+        reached a worker, so it cannot have crashed one)."""
         self.task, self.deadline = task, time.monotonic() + timeout
         try:
             self.connection.send((task.seq, task.record))
-            return True
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            task.lost_sends += 1
             return False
+        task.attempts += 1
+        return True
 
     def stop(self) -> None:
         """Terminate (then kill) the process and close the pipe."""
@@ -138,8 +141,9 @@ class WorkerPool:
         fresh = self._replace(worker)
         if task is None:
             return
-        if task.attempts < 2:
+        if task.attempts < 2 and task.lost_sends < 3:
             if not fresh.assign(task, self.timeout):
+                fresh.task = None  # queued again; the next dispatch finds the fresh worker gone and replaces it
                 retry.appendleft(task)
             return
         record = task.record
