@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 TASKS = ("caption", "vqa", "choice")
 CAPTION_PROMPT = ""  # raw template, empty prompt: the model continues "<s> image \n" with a caption
@@ -39,28 +39,38 @@ class EvalItem:
     question: str
     references: List[str]
     options: Optional[List[str]] = None
-    meta: Dict[str, Any] = field(default_factory=dict)
 
 
-def _read_json_or_lines(path: str) -> Any:
-    """A JSON document, or the list of rows of a JSON-lines file."""
+def _read_json_or_lines(path: str, keys: Sequence[str] = ()) -> Any:
+    """A JSON document, or the list of rows of a JSON-lines file. A one-line object holding none of the format's
+    document ``keys`` is a JSON-lines file of one row. A document starting with ``[`` or ``{`` whose first line is
+    not JSON on its own is a broken document: the error names the document's own line and column."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        document_error = error
+    else:
+        if isinstance(data, dict) and "\n" not in text.strip() and not any(key in data for key in keys):
+            return [data]
+        return data
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 / U+0085 may sit in strings
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
+                if not rows and text.lstrip().startswith(("[", "{")):
+                    raise ValueError(f"{path}: invalid JSON at line {document_error.lineno} column "
+                                     f"{document_error.colno} ({document_error.msg})") from None
                 raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
     return rows
 
 
 def _field(row: Dict[str, Any], names: tuple, path: str, where: str, kind: type = str) -> Any:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: {where}: a {type(row).__name__}, not an object")
     for name in names:
         if name in row:
             value = row[name]
@@ -75,7 +85,7 @@ def _field(row: Dict[str, Any], names: tuple, path: str, where: str, kind: type 
 def load_caption_items(path: str, image_root: Optional[str] = None, split: str = "test") -> List[EvalItem]:
     """Caption items (one per image, every reference caption kept) from any of the caption formats."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    data = _read_json_or_lines(path)
+    data = _read_json_or_lines(path, ("images", "annotations"))
     items: List[EvalItem] = []
     if isinstance(data, dict) and "images" in data and "annotations" in data:  # COCO caption annotations
         captions: Dict[str, List[str]] = {}
@@ -93,10 +103,14 @@ def load_caption_items(path: str, image_root: Optional[str] = None, split: str =
     if isinstance(data, dict) and "images" in data:  # Karpathy
         for n, image in enumerate(data["images"]):
             where = f"images[{n}]"
+            if not isinstance(image, dict):
+                raise ValueError(f"{path}: {where}: a {type(image).__name__}, not an object")
             if split and image.get("split") not in (split, None):
                 continue
             sentences = _field(image, ("sentences",), path, where, list)
-            refs = [_field(s, ("raw",), path, f"{where}.sentences") for s in sentences]
+            if not sentences:
+                raise ValueError(f"{path}: {where}: field 'sentences' is empty (no reference caption)")
+            refs = [_field(s, ("raw",), path, f"{where}.sentences[{k}]") for k, s in enumerate(sentences)]
             name = os.path.join(image.get("filepath", ""), _field(image, ("filename",), path, where))
             item_id = str(image.get("cocoid", image.get("imgid", n)))
             items.append(EvalItem(item_id, os.path.join(root, name), CAPTION_PROMPT, refs))
@@ -120,12 +134,12 @@ def load_vqa_items(path: str, annotations: Optional[str] = None, image_root: Opt
                    image_pattern: Optional[str] = None) -> List[EvalItem]:
     """VQA items from VQAv2 questions (+ ``annotations``), TextVQA JSON or JSON lines."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    data = _read_json_or_lines(path)
+    data = _read_json_or_lines(path, ("questions", "data"))
     items: List[EvalItem] = []
     if isinstance(data, dict) and "questions" in data:  # VQAv2
         if not annotations:
             raise ValueError(f"{path}: VQAv2 questions need --annotations (the matching annotation file)")
-        ann = _read_json_or_lines(annotations)
+        ann = _read_json_or_lines(annotations, ("annotations",))
         if not isinstance(ann, dict) or "annotations" not in ann:
             raise ValueError(f"{annotations}: missing field 'annotations'")
         answers = {}
