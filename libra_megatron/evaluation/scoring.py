@@ -13,9 +13,9 @@ VQA: :func:`vqa_accuracy` is the VQAv2 / TextVQA accuracy: ``min(1, matches / 3)
 subsets as the official script does (identical to ``min(1, matches/3)`` when all ten annotators are counted
 except at 3 or 4 matches, where the official average gives 0.9 / 1.0).
 
-Choice: :func:`extract_choice` reads the option a free-form answer names (a leading letter ``"B"``, ``"(B)"``,
-``"B."``, ``"Answer: B"``, or the text of exactly one option), or ``yes``/``no`` for yes-no questions; accuracy is
-exact match of that choice.
+Choice: :func:`extract_choice` reads the option a free-form answer names (the text of exactly one option first,
+then a leading upper-case letter ``"B"``, ``"(B)"``, ``"B."`` or one after ``"Answer: "``, then the one option the
+answer contains), or ``yes``/``no`` for yes-no questions; accuracy is exact match of that choice.
 """
 from __future__ import annotations
 
@@ -141,21 +141,37 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
-_LETTER = re.compile(r"^\s*(?:answer\s*[:：]?\s*)?\(?([A-Za-z])(?:[).:,]|\s|$)", re.IGNORECASE)
+# A bare option letter is upper case and ends at ")", ".", ":", "," or the end ("B", "(B)", "B.", "C) green");
+# after an explicit "Answer:" / "the answer is" it may also be followed by a space ("Answer: B because ..."), and
+# a lower-case letter counts there when nothing follows it ("Answer: b"). "a red car" names no letter.
+_ANSWER_PREFIX = re.compile(r"\s*(?:the\s+)?answer(?:\s*[:：]|\s+is\b\s*:?)\s*", re.IGNORECASE)
+_LETTER = re.compile(r"\s*\(?([A-Z])(?:[).:,]|$)")
+_LETTER_AFTER_ANSWER = re.compile(r"\(?(?:([A-Z])(?:[).:,]|\s|$)|([a-z])(?:[).:,]|$))")
+
+
+def _letter(text: str) -> Optional[str]:
+    """The option letter ``text`` starts with (see above), upper case, or ``None``."""
+    prefix = _ANSWER_PREFIX.match(text)
+    match = _LETTER_AFTER_ANSWER.match(text, prefix.end()) if prefix else _LETTER.match(text)
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2) or "").upper() if prefix else match.group(1)
 
 
 def extract_choice(text: str, options: Optional[Sequence[str]]) -> Optional[str]:
     """The choice a generated answer makes: an option letter (``"A"``..) when ``options`` is given, else
-    ``"yes"``/``"no"``; ``None`` when it names none (counted wrong)."""
+    ``"yes"``/``"no"``; ``None`` when it names none (counted wrong). With options: the text of exactly one option
+    first, then a leading letter (upper case: ``"B"``, ``"(B)"``, ``"B."``; or after ``"Answer:"``), then the one
+    option whose text the answer contains."""
     if options:
         letters = [chr(ord("A") + i) for i in range(len(options))]
-        match = _LETTER.match(text)
-        if match and match.group(1).upper() in letters:
-            return match.group(1).upper()
         said = normalize_answer(text)
-        named = [letter for letter, option in zip(letters, options) if normalize_answer(option) == said]
+        named = [letter for letter, option in zip(letters, options) if said and normalize_answer(option) == said]
         if len(named) == 1:
             return named[0]
+        letter = _letter(text)
+        if letter in letters:
+            return letter
         contained = [letter for letter, option in zip(letters, options)
                      if normalize_answer(option) and re.search(rf"\b{re.escape(normalize_answer(option))}\b", said)]
         return contained[0] if len(contained) == 1 else None

@@ -87,6 +87,10 @@ def test_vqa_accuracy_is_min_matches_over_three_leave_one_out():
     ("B", ["red", "blue", "green"], "B"), ("(C) green", ["red", "blue", "green"], "C"),
     ("Answer: a", ["red", "blue"], "A"), ("blue", ["red", "blue"], "B"), ("it is blue.", ["red", "blue"], "B"),
     ("purple", ["red", "blue"], None), ("Yes, there is a dog.", None, "yes"), ("No", None, "no"), ("maybe", None, None),
+    # an option's own text wins over a leading article read as a letter; a bare letter is upper case and ends
+    ("a red car", ["blue car", "a red car"], "B"), ("A cat.", ["dog", "cat"], "B"), ("A.", ["dog", "cat"], "A"),
+    ("B) cat", ["dog", "cat"], "B"), ("The answer is B because", ["dog", "cat"], "B"),
+    ("answer is a cat", ["dog", "cat"], "B"), ("a", ["dog", "cat"], None), ("C", ["dog", "cat"], None),
 ])
 def test_choice_extraction(text, options, want):
     assert extract_choice(text, options) == want
