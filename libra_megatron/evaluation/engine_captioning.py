@@ -87,6 +87,9 @@ class EngineCaptioner:
 
         self.args, self.vocab = args, vocab
         items = load_caption_items(args.eval_captioning, args.eval_captioning_image_root, args.eval_captioning_split)
+        if not items:  # nothing to score: fail now, not with a missing CIDEr after the first training interval
+            raise ValueError(f"--eval-captioning {args.eval_captioning}: no caption items in split "
+                             f"{args.eval_captioning_split!r} (see --eval-captioning-split)")
         items = items[: args.eval_captioning_samples]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.items_all = items

@@ -153,3 +153,18 @@ def test_interleaved_pipeline_gives_the_single_stage_tokens(setup):
         if r is not None]
     assert len(single) == len(interleaved) == 1 and single[0][0] == interleaved[0][0]
     assert all(len(row) >= 1 for row in single[0][0])
+
+
+def test_a_split_without_caption_items_fails_at_construction(tmp_path):
+    """``--eval-captioning-split test`` on a Karpathy file without test images: an error naming the file and the
+    split when the captioner is built, not a missing CIDEr after the first training interval."""
+    import argparse
+
+    from libra_megatron.evaluation.engine_captioning import EngineCaptioner
+
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": [{"filename": "0.png", "split": "val", "sentences": [{"raw": "a dog"}]}]}))
+    args = argparse.Namespace(eval_captioning=str(path), eval_captioning_image_root=None,
+                              eval_captioning_split="test", eval_captioning_samples=4)
+    with pytest.raises(ValueError, match=r"dataset_coco.json: no caption items in split 'test'"):
+        EngineCaptioner(args, vocab=None, vision_encoder=None)
