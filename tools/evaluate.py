@@ -9,9 +9,10 @@
         --model runs/instruct --tokenizer llama2/tokenizer.model --vision-tokenizer vision-tokenizer --output eval/pope
     torchrun --nproc_per_node 8 tools/evaluate.py ...        # data-parallel; rank 0 merges and scores
 
-``--model`` is an HF export or an engine checkpoint (converted once into ``OUTPUT/hf_export``). Predictions go to
-``OUTPUT/predictions.jsonl`` (a killed run rerun with the same command resumes after the last finished batch),
-scores to ``OUTPUT/summary.json`` and ``OUTPUT/summary.md``. Formats, prompts and metrics: docs/design.md
+``--model`` is an HF export or an engine checkpoint (converted into ``OUTPUT/hf_export``, reused while the
+checkpoint and dtype stay the same). Predictions go to ``OUTPUT/predictions.jsonl`` (a killed run rerun with the
+same command resumes after the last finished batch; other settings into the same OUTPUT are refused, see
+``OUTPUT/run.json``), scores to ``OUTPUT/summary.json`` and ``OUTPUT/summary.md``. Formats, prompts and metrics: docs/design.md
 ("Evaluation").
 """
 from __future__ import annotations
@@ -19,11 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if TYPE_CHECKING:
+    from libra_megatron.evaluation.runner import EvalOptions
 
-def parse_args(argv=None):
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> EvalOptions:
     """The CLI flags as :class:`~libra_megatron.evaluation.runner.EvalOptions`."""
     from libra_megatron.evaluation.runner import EvalOptions
     from libra_megatron.evaluation.tasks import TASKS
@@ -70,7 +75,7 @@ def parse_args(argv=None):
         caption_tokenizer=args.caption_tokenizer, progress=not args.no_progress)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the evaluation; exit code 0 when it finished (items skipped for bad images included)."""
     from libra_megatron.evaluation.runner import run_evaluation
 

@@ -1,8 +1,13 @@
 """``tools/evaluate.py``'s engine: load a model, generate answers in batches (data-parallel, resumable), score.
 
 * **Model**: an HF Libra export (``config.json``), or an engine checkpoint (trainer ``--save`` root or ``iter_*``
-  folder), which rank 0 converts once with ``tools/convert_checkpoint.py engine-to-hf`` into
-  ``<output>/hf_export`` (fp32 on CPU, bf16 on CUDA; reused by later runs) while the other ranks wait.
+  folder), which rank 0 converts with ``tools/convert_checkpoint.py engine-to-hf`` into ``<output>/hf_export``
+  (fp32 on CPU, bf16 on CUDA) while the other ranks wait. ``hf_export/source.json`` records what it was made from
+  (the ``iter_*`` folder, the tracker's contents, dtype, tokenizers); a later run reuses the export only when that
+  matches, else converts again into a temporary folder renamed over the old one.
+* **Resume guard**: ``<output>/run.json`` records the settings that determine the predictions (task, data, model,
+  prompt, template, max new tokens, sampling, dtype, ...) at the first start; a rerun into the same ``--output``
+  with other settings is refused naming the fields (predictions of two setups would mix).
 * **Prompts**: :mod:`libra_megatron.inference` builds the ids (``raw``: ``<s> image \\n prompt``, the base model's
   captioning; ``chat``: vicuna_v1); ``--template auto`` uses raw for ``caption`` and chat for ``vqa``/``choice``.
 * **Generation**: the export's own ``generate`` (KV cache), greedy by default; with ``do_sample`` every batch draws
@@ -15,12 +20,15 @@
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +39,9 @@ from libra_megatron.evaluation.tasks import EvalItem, load_items
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPTION_CHAT_PROMPT = "Provide a one-sentence caption for the provided image."
+TRACKER = "latest_checkpointed_iteration.txt"
+EXPORT_SOURCE = "source.json"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -62,12 +73,11 @@ class EvalOptions:
     caption_metrics: Sequence[str] = ("cider", "bleu", "meteor", "spice")
     caption_tokenizer: Optional[str] = None
     progress: bool = True
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def is_engine_checkpoint(path: str) -> bool:
     """A trainer ``--save`` root (``latest_checkpointed_iteration.txt``) or an ``iter_*`` folder."""
-    return (os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
+    return (os.path.isfile(os.path.join(path, TRACKER))
             or (os.path.basename(os.path.normpath(path)).startswith("iter_") and os.path.isdir(path)))
 
 
@@ -89,8 +99,73 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _read_json(path: str) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return os.path.realpath(path) if path else None
+
+
+def export_source(options: EvalOptions, dtype_name: str) -> Dict[str, Any]:
+    """What ``<output>/hf_export`` is converted from: the ``iter_*`` folder the tracker names (or the folder
+    itself), the tracker's contents, the size and mtime of its ``metadata.json``, the dtype and the tokenizers."""
+    folder, tracker = os.path.realpath(options.model), None
+    if os.path.isfile(os.path.join(folder, TRACKER)):
+        with open(os.path.join(folder, TRACKER), encoding="utf-8") as handle:
+            tracker = handle.read().strip()
+        if tracker.isdigit():
+            folder = os.path.join(folder, f"iter_{int(tracker):07d}")
+    metadata = os.path.join(folder, "metadata.json")
+    stamp = [os.stat(metadata).st_size, os.stat(metadata).st_mtime_ns] if os.path.isfile(metadata) else None
+    return {"checkpoint": folder, "tracker": tracker, "metadata_json": stamp, "dtype": dtype_name,
+            "tokenizer": _abs(options.tokenizer), "vision_tokenizer": _abs(options.vision_tokenizer)}
+
+
+def _convert(options: EvalOptions, dtype_name: str, target: str, source: Dict[str, Any]) -> None:
+    """Convert into a temporary folder, record ``source.json`` there, then rename it over ``target``."""
+    parent = os.path.dirname(target)
+    for stale in glob.glob(os.path.join(parent, ".hf_export.*")):  # leftovers of a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = os.path.join(parent, f".hf_export.tmp-{os.getpid()}"), os.path.join(parent, f".hf_export.old-{os.getpid()}")
+    command = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "engine-to-hf",
+               "--source", options.model, "--output", tmp, "--dtype", dtype_name, "--overwrite"]
+    if options.tokenizer:
+        command += ["--tokenizer-dir", os.path.dirname(os.path.abspath(options.tokenizer))]
+    if options.vision_tokenizer:
+        command += ["--vision-tokenizer-dir", options.vision_tokenizer]
+    print(f"evaluate: converting engine checkpoint {source['checkpoint']} -> {target}", flush=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the converter is its own single-process job
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0 or not os.path.isfile(os.path.join(tmp, "config.json")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"engine -> HF conversion failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    _write_json(os.path.join(tmp, EXPORT_SOURCE), source)
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def resolve_model(options: EvalOptions, rank: int, dtype_name: str) -> str:
-    """The HF folder to load: the export itself, or ``<output>/hf_export`` converted from an engine checkpoint."""
+    """The HF folder to load: the export itself, or ``<output>/hf_export`` converted from an engine checkpoint
+    (reused only when its ``source.json`` matches :func:`export_source`)."""
     if not os.path.isdir(options.model):
         raise FileNotFoundError(f"--model: folder not found: {options.model}")
     if os.path.isfile(os.path.join(options.model, "config.json")):
@@ -99,22 +174,56 @@ def resolve_model(options: EvalOptions, rank: int, dtype_name: str) -> str:
         raise ValueError(f"--model {options.model}: neither an HF export (config.json) nor an engine checkpoint "
                          "(latest_checkpointed_iteration.txt or iter_*)")
     target = os.path.join(options.output, "hf_export")
-    if rank == 0 and not os.path.isfile(os.path.join(target, "config.json")):
-        command = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "engine-to-hf",
-                   "--source", options.model, "--output", target, "--dtype", dtype_name, "--overwrite"]
-        if options.tokenizer:
-            command += ["--tokenizer-dir", os.path.dirname(os.path.abspath(options.tokenizer))]
-        if options.vision_tokenizer:
-            command += ["--vision-tokenizer-dir", options.vision_tokenizer]
-        print(f"evaluate: converting engine checkpoint {options.model} -> {target}", flush=True)
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)  # the converter is its own single-process job
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"engine -> HF conversion failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    if rank == 0:
+        source = json.loads(json.dumps(export_source(options, dtype_name)))
+        if (not os.path.isfile(os.path.join(target, "config.json"))
+                or _read_json(os.path.join(target, EXPORT_SOURCE)) != source):
+            _convert(options, dtype_name, target, source)
     _barrier()
     return target
+
+
+def _effective_template(options: EvalOptions) -> str:
+    """``raw`` or ``chat`` (``auto``: raw for caption, chat for vqa / choice)."""
+    if options.template == "auto":
+        return "raw" if options.task == "caption" else "chat"
+    return options.template
+
+
+def _effective_max_new_tokens(options: EvalOptions) -> int:
+    return options.max_new_tokens or {"caption": 30, "vqa": 16}.get(options.task, 8)
+
+
+def run_settings(options: EvalOptions, dtype_name: str) -> Dict[str, Any]:
+    """The settings that determine the predictions (``run.json``): a resume must match them. Sampling options
+    count only when sampling."""
+    settings: Dict[str, Any] = {
+        "task": options.task, "data": _abs(options.data), "annotations": _abs(options.annotations),
+        "split": options.split if options.task == "caption" else None, "image_root": _abs(options.image_root),
+        "image_pattern": options.image_pattern, "model": _abs(options.model), "tokenizer": _abs(options.tokenizer),
+        "vision_tokenizer": _abs(options.vision_tokenizer), "template": _effective_template(options),
+        "prompt": options.prompt, "max_new_tokens": _effective_max_new_tokens(options), "dtype": dtype_name,
+        "do_sample": options.do_sample}
+    if is_engine_checkpoint(options.model) and not os.path.isfile(os.path.join(options.model, "config.json")):
+        settings["checkpoint"] = {k: v for k, v in export_source(options, dtype_name).items()
+                                  if k in ("checkpoint", "tracker", "metadata_json")}
+    if options.do_sample:
+        settings.update(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    return json.loads(json.dumps(settings))
+
+
+def check_run_settings(output: str, settings: Dict[str, Any], rank: int) -> None:
+    """Refuse to resume into ``output`` when its ``run.json`` holds other settings; write it at the first start."""
+    path = os.path.join(output, RUN_FILE)
+    recorded = _read_json(path) if os.path.exists(path) else None
+    if recorded is not None and recorded != settings:
+        changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(f"{path}: this --output holds predictions of a run with other settings ({detail}); "
+                         "resuming would mix them: use a fresh --output (or the original arguments)")
+    _barrier()  # every rank has compared before rank 0 writes
+    if rank == 0 and recorded is None:
+        _write_json(path, settings)
 
 
 class Generator:
@@ -130,10 +239,8 @@ class Generator:
         if self.tokenizer.vocab_size != self.vocab.text_vocab_size:
             raise ValueError(f"{getattr(tokenizer, 'model_path', 'tokenizer')}: {self.tokenizer.vocab_size} text ids, "
                              f"the model expects {self.vocab.text_vocab_size}")
-        template = options.template
-        self.chat = (options.task != "caption") if template == "auto" else template == "chat"
-        default_new = 30 if options.task == "caption" else (16 if options.task == "vqa" else 8)
-        self.max_new_tokens = options.max_new_tokens or default_new
+        self.chat = _effective_template(options) == "chat"
+        self.max_new_tokens = _effective_max_new_tokens(options)
 
     @classmethod
     def load(cls, options: EvalOptions, folder: str, device: str, dtype: torch.dtype) -> "Generator":
@@ -208,6 +315,7 @@ def run_evaluation(options: EvalOptions) -> Optional[Dict[str, Any]]:
     if options.limit:
         items = items[: options.limit]
     os.makedirs(options.output, exist_ok=True)
+    check_run_settings(options.output, run_settings(options, dtype_name), rank)
     folder = resolve_model(options, rank, "fp32" if dtype_name == "fp32" else "bf16")
     finished = read_finished(options.output)
     _barrier()  # every rank has read the same finished set before anyone appends
@@ -264,7 +372,3 @@ def run_evaluation(options: EvalOptions) -> Optional[Dict[str, Any]]:
     print(markdown_table(summary), flush=True)
     return summary
 
-
-def options_dict(options: EvalOptions) -> Dict[str, Any]:
-    """The options as a JSON-able dict."""
-    return asdict(options)

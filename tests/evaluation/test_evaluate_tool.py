@@ -1,10 +1,12 @@
 """``tools/evaluate.py`` end to end on a tiny HF export (CPU): caption, vqa and choice; bad images skipped and
 counted; a crashed run resumes without regenerating or double-scoring an item; two data-parallel ranks produce the
-same predictions as one; an engine checkpoint is converted on the fly."""
+same predictions as one; a rerun with other settings into the same output is refused; an engine checkpoint is
+converted on the fly, and the conversion is reused only for the same checkpoint and dtype."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -158,5 +160,69 @@ def test_two_data_parallel_ranks_equal_one(export, caption_run):
     argv = ["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(out), *FAST]
     assert run_on_ranks(_dp_rank, world_size=2, args=(argv,)) == [0, 0]
     assert sorted(os.listdir(out)) == ["predictions.jsonl", "predictions.rank0.jsonl", "predictions.rank1.jsonl",
-                                       "summary.json", "summary.md"]
+                                       "run.json", "summary.json", "summary.md"]
     assert _lines(out / "predictions.jsonl") == _lines(caption_run / "predictions.jsonl")
+
+
+def test_a_rerun_with_other_settings_into_the_same_output_is_refused(export, caption_run):
+    tmp, model = export
+    settings = json.loads((caption_run / "run.json").read_text())
+    assert settings["max_new_tokens"] == 3 and settings["template"] == "raw" and settings["do_sample"] is False
+    before = (caption_run / "predictions.jsonl").read_bytes()
+    argv = ["--task", "caption", "--data", _caption_file(tmp), "--model", model, "--output", str(caption_run), *FAST]
+    with pytest.raises(ValueError, match=r"run.json: .*other settings \(max_new_tokens: 3 -> 5; prompt: None -> "
+                                         r"'A photo of'\).*use a fresh --output"):
+        _run(argv + ["--max-new-tokens", "5", "--prompt", "A photo of"])
+    with pytest.raises(ValueError, match=r"do_sample: False -> True; seed: None -> 0"):
+        _run(argv + ["--do-sample"])
+    with pytest.raises(ValueError, match=r"template: 'raw' -> 'chat'"):
+        _run(argv + ["--template", "chat"])
+    other = tmp / "other_coco.json"
+    other.write_text(open(_caption_file(tmp)).read())
+    with pytest.raises(ValueError, match=r"other settings \(data: .*other_coco.json"):
+        _run(["--task", "caption", "--data", str(other), "--model", model, "--output", str(caption_run), *FAST])
+    assert (caption_run / "predictions.jsonl").read_bytes() == before
+    _run(argv + ["--template", "raw", "--batch-size", "3"])  # the same settings spelled out, another batch size
+
+
+def test_a_converted_export_is_reused_only_for_the_same_checkpoint_and_dtype(tmp_path, monkeypatch):
+    from libra_megatron.evaluation import runner
+
+    root = tmp_path / "ckpt"
+    for iteration in (2, 4):
+        (root / f"iter_{iteration:07d}").mkdir(parents=True)
+        (root / f"iter_{iteration:07d}" / "metadata.json").write_text("{}")
+    (root / "latest_checkpointed_iteration.txt").write_text("2\n")
+    calls = []
+
+    def fake_converter(command, **kwargs):  # writes what it was asked for into --output
+        folder = command[command.index("--output") + 1]
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as handle:
+            json.dump({"dtype": command[command.index("--dtype") + 1], "conversion": len(calls)}, handle)
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="")
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_converter)
+    out = tmp_path / "out"
+    out.mkdir()
+    options = runner.EvalOptions(task="caption", data="", model=str(root), output=str(out))
+
+    def resolve(dtype="fp32"):
+        folder = runner.resolve_model(options, 0, dtype)
+        read = lambda name: json.loads((out / "hf_export" / name).read_text())  # noqa: E731
+        assert folder == str(out / "hf_export")
+        return read("config.json"), read("source.json")
+
+    config, source = resolve()
+    assert len(calls) == 1 and source["tracker"] == "2" and source["dtype"] == "fp32"
+    assert source["checkpoint"] == os.path.realpath(root / "iter_0000002")
+    assert resolve() == (config, source) and len(calls) == 1  # the same checkpoint and dtype: reused
+    (root / "latest_checkpointed_iteration.txt").write_text("4\n")  # training saved a newer checkpoint
+    config, source = resolve()
+    assert len(calls) == 2 and config["conversion"] == 1 and source["checkpoint"].endswith("iter_0000004")
+    config, source = resolve("bf16")
+    assert len(calls) == 3 and config["dtype"] == "bf16" == source["dtype"]
+    os.remove(out / "hf_export" / "source.json")  # an export without a record (an older version): converted again
+    resolve("bf16")
+    assert len(calls) == 4 and sorted(os.listdir(out)) == ["hf_export"]  # no temporary folder left behind
