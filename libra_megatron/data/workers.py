@@ -6,14 +6,17 @@ deadline: a worker that dies (the OOM killer, a crashing decoder) or runs past `
 is terminated and replaced by a fresh worker, which retries that record once. A record that fails twice is
 rejected as ``worker_crash`` or ``timeout``; these reasons are *retryable*: the chunk holding one is written but
 not committed as final, so the next run with the same arguments redoes it (``docs/design.md#workers``).
-:meth:`WorkerPool.close` always terminates the workers; it never only joins them.
+:meth:`WorkerPool.close` always terminates the workers; it never only joins them. :func:`ordered_results` drives
+the pool from a dispatcher thread, so the workers keep decoding while the job's main thread tokenises images.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import multiprocessing
 import multiprocessing.connection
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Union
@@ -120,16 +123,28 @@ class WorkerPool:
         for _ in range(processes):
             self.workers.append(_Worker(self.context, settings, self.workers))
         self.replaced = 0  # workers replaced after a crash or timeout (for the summary)
+        self._wake_reader, self._wake_writer = self.context.Pipe(duplex=False)  # interrupt() -> run() returns
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="preprocess-spawner")
 
     def close(self) -> None:
         """Terminate every worker (the pool is never only joined: a stuck worker cannot hold the job)."""
         for worker in self.workers:
             worker.stop()
         self.workers = []
+        self._spawner.shutdown(wait=True)
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def interrupt(self) -> None:
+        """Make a :meth:`run` that is waiting on the workers (in another thread) return now."""
+        self._wake_writer.send_bytes(b"")
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
-        fresh = _Worker(self.context, self.settings, [w for w in self.workers if w is not worker])
+        # forked by the pool's own long-lived thread: a worker's PR_SET_PDEATHSIG fires when the *thread* that
+        # forked it ends, and the dispatcher thread of ordered_results ends with every chunk
+        others = [w for w in self.workers if w is not worker]
+        fresh = self._spawner.submit(_Worker, self.context, self.settings, others).result()
         self.workers[self.workers.index(worker)] = fresh
         self.replaced += 1
         return fresh
@@ -165,7 +180,11 @@ class WorkerPool:
         wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
         handles = {w.connection: w for w in busy}
         handles.update({w.process.sentinel: w for w in busy})
-        ready = multiprocessing.connection.wait(list(handles), timeout=wait_s)
+        ready = multiprocessing.connection.wait(list(handles) + [self._wake_reader], timeout=wait_s)
+        if self._wake_reader in ready:
+            while self._wake_reader.poll():
+                self._wake_reader.recv_bytes()
+            ready = [h for h in ready if h is not self._wake_reader]
         for worker in {id(handles[h]): handles[h] for h in ready}.values():
             if worker.task is None or worker not in self.workers:
                 continue
@@ -191,33 +210,108 @@ class WorkerPool:
 
 def ordered_results(items: Iterable[Union[RawRecord, Rejected]], pool: Optional[WorkerPool], window: int,
                     inline: PrepareSettings) -> Iterator[Result]:
-    """Prepare records in input order, with at most ``window`` records read ahead (bounded memory)."""
+    """Prepare records in input order, with at most ``window`` records read ahead (bounded memory).
+
+    With a pool, a dispatcher thread reads records and drives the workers while the caller consumes results (the
+    job's image tokenizer runs between two results), so the workers are never idle for want of a dispatch."""
     if pool is None:
         for item in items:
             yield item if isinstance(item, Rejected) else prepare_record(item, inline)
         return
-    order: Deque[int] = collections.deque()
-    tasks: Deque[_Task] = collections.deque()
-    results: Dict[int, Result] = {}
-    source = iter(items)
-    exhausted, seq = False, 0
-    while True:
-        while not exhausted and len(order) < window:
-            try:
-                item = next(source)
-            except StopIteration:
-                exhausted = True
-                break
-            order.append(seq)
-            if isinstance(item, Rejected):
-                results[seq] = item
-            else:
-                tasks.append(_Task(seq, item))
-            seq += 1
-        while order and order[0] in results:
-            yield results.pop(order.popleft())
-        if not order:
-            if exhausted:
+    dispatcher = _Dispatcher(items, pool, window)
+    try:
+        while True:
+            result = dispatcher.next_result()
+            if result is None:
                 return
-            continue
-        pool.run(tasks, results)
+            yield result
+    finally:
+        dispatcher.stop()
+
+
+class _Dispatcher:
+    """Background thread: reads ``items`` up to ``window`` ahead of the consumer, feeds them to ``pool`` and collects
+    the results; :meth:`next_result` hands them out in input order. Only this thread touches the pool while it runs;
+    an exception it meets (a bad annotation file, say) is raised to the consumer."""
+
+    def __init__(self, items: Iterable[Union[RawRecord, Rejected]], pool: WorkerPool, window: int) -> None:
+        self.source, self.pool, self.window = iter(items), pool, window
+        self.lock = threading.Condition()
+        self.order: Deque[int] = collections.deque()  # read, not yet handed out (guarded by lock)
+        self.results: Dict[int, Result] = {}  # guarded by lock
+        self.exhausted = False
+        self.error: Optional[BaseException] = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="preprocess-dispatcher", daemon=True)
+        self.thread.start()
+
+    def next_result(self) -> Optional[Result]:
+        """The next result in input order (waits for it); ``None`` after the last one."""
+        with self.lock:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.order and self.order[0] in self.results:
+                    result = self.results.pop(self.order.popleft())
+                    self.lock.notify_all()  # room in the window
+                    return result
+                if not self.order and self.exhausted:
+                    return None
+                self.lock.wait(timeout=1.0)
+
+    def stop(self) -> None:
+        """End the thread (the consumer is done or gone); in-flight records are abandoned with the pool's workers
+        intact for the next chunk."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self.pool.interrupt()  # a wait on the workers returns at once
+        self.thread.join()
+        for worker in self.pool.workers:  # a consumer that stopped early leaves tasks in flight: start clean
+            if worker.task is not None:
+                self.pool._replace(worker)
+
+    def _loop(self) -> None:
+        tasks: Deque[_Task] = collections.deque()
+        seq = 0
+        try:
+            while True:
+                with self.lock:
+                    while not self.stopping and len(self.order) >= self.window and not tasks and not any(
+                            w.task is not None for w in self.pool.workers):
+                        self.lock.wait(timeout=1.0)  # the consumer has the whole window: wait for room
+                    if self.stopping:
+                        return
+                    room = self.window - len(self.order)
+                read: List[Union[RawRecord, Rejected]] = []
+                exhausted = self.exhausted
+                while not exhausted and len(read) < room:
+                    try:
+                        read.append(next(self.source))
+                    except StopIteration:
+                        exhausted = True
+                arrived: Dict[int, Result] = {}
+                with self.lock:
+                    self.exhausted = exhausted  # together with the last records: the consumer sees both or neither
+                    for item in read:
+                        self.order.append(seq)
+                        if isinstance(item, Rejected):
+                            arrived[seq] = item
+                        else:
+                            tasks.append(_Task(seq, item))
+                        seq += 1
+                if not tasks and not any(w.task is not None for w in self.pool.workers):
+                    with self.lock:
+                        self.results.update(arrived)
+                        self.lock.notify_all()
+                        if exhausted:
+                            return
+                    continue
+                self.pool.run(tasks, arrived)
+                with self.lock:
+                    self.results.update(arrived)
+                    self.lock.notify_all()
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            with self.lock:
+                self.error = error
+                self.lock.notify_all()
