@@ -61,7 +61,9 @@ def _worker_main(rank: int, world_size: int, store_path: str, jobs: "mp.Queue", 
             parallel_state.destroy_model_parallel()
             _destroy_subgroups()
             _reset_megatron_globals()
-    dist.destroy_process_group()
+    # no dist.destroy_process_group(): tearing down the gloo mesh waits on the other ranks' exits (seconds per pool);
+    # the process ends here and the OS closes its sockets
+    os._exit(0)
 
 
 def _destroy_subgroups() -> None:
@@ -152,8 +154,10 @@ class RankPool:
                 q.put(None)
             except Exception:  # noqa: BLE001
                 pass
+        deadline = time.monotonic() + 2.0  # one grace period for the whole pool, then kill
         for proc in self._procs:
-            proc.join(timeout=2)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=2)

@@ -67,7 +67,7 @@ def test_triton_kernels_match_references_in_the_interpreter_and_compile_for_sm90
     """Every Triton kernel of the layer (attention inputs, SwiGLU, RoPE) against its reference, values and grads,
     run by Triton's interpreter on CPU tensors (it must be switched on before triton is imported: a subprocess).
     The interpreter accepts code the GPU compiler refuses, so every launch it made is then compiled ahead of time
-    to an sm_90 cubin, in bf16 and fp32 (tests/model/triton_aot.py; no GPU needed)."""
+    to an sm_90 cubin in bf16, each kernel once in fp32 too (tests/model/triton_aot.py; no GPU needed)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     record = str(tmp_path / "launches.json")

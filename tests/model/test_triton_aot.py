@@ -53,3 +53,15 @@ def test_every_launched_kernel_of_the_package_is_found():
     kernels = launched_kernels()
     assert "libra_megatron.model.attention_inputs._attention_inputs_fwd" in kernels
     assert not any(name.endswith(("_load_row", "_store_row", "_rope_t")) for name in kernels)  # helpers, not launched
+
+
+def test_code_paths_keep_one_launch_per_boolean_combination_at_the_largest_size():
+    from tests.model.triton_aot import code_paths
+
+    def launch(d: int, backward: bool):
+        return {"module": "m", "kernel": "k", "args": {"x": {"pointer": "fp32"}, "D": {"constexpr": d},
+                                                       "BACKWARD": {"constexpr": backward}}}
+
+    chosen = code_paths([launch(8, False), launch(128, False), launch(16, True), launch(12, True)])
+    assert sorted((c["args"]["D"]["constexpr"], c["args"]["BACKWARD"]["constexpr"]) for c in chosen) == [
+        (16, True), (128, False)]

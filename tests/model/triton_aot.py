@@ -5,9 +5,10 @@ accepts code that the GPU compiler refuses. This module closes that gap in two s
 
 1. ``record_launches(path)``: under the interpreter, every kernel launch made by the real launchers is written down
    (kernel, argument kinds, constexpr values).
-2. ``python tests/model/triton_aot.py RECORD``: without the interpreter, each recorded launch is compiled ahead of
-   time (``triton.compile`` on an ``ASTSource``) to a cubin for sm_90 (H100/H200) in bf16, the recipe's dtype, and in
-   the recorded dtype; Triton ships its own ptxas, so no GPU or driver is needed.
+2. ``python tests/model/triton_aot.py RECORD``: without the interpreter, each kernel's code paths (one launch per
+   combination of boolean constexprs, at the largest recorded sizes: the 7B shapes) are compiled ahead of
+   time (``triton.compile`` on an ``ASTSource``) to a cubin for sm_90 (H100/H200) in bf16, the recipe's dtype (each
+   kernel's first launch also in the recorded dtype); Triton ships its own ptxas, so no GPU or driver is needed.
 """
 from __future__ import annotations
 
@@ -93,9 +94,26 @@ def signature(launch: Dict[str, Any], float_type: str) -> Tuple[Dict[str, str], 
     return types, constants
 
 
+def code_paths(launches: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One launch per kernel and code path (its boolean/None constexprs: forward or backward, query order, ...),
+    the one with the largest sizes (the 7B shapes when recorded): what the GPU compiler has to accept."""
+    chosen: Dict[Tuple, Dict[str, Any]] = {}
+    for launch in launches:
+        values = {k: v.get("constexpr", v.get("constant")) for k, v in launch["args"].items()
+                  if "constexpr" in v or "constant" in v}
+        path = (launch["module"], launch["kernel"],
+                tuple(sorted((k, v) for k, v in values.items() if isinstance(v, bool) or v is None)))
+        size = sum(v for v in values.values() if isinstance(v, int) and not isinstance(v, bool))
+        best = chosen.get(path)
+        if best is None or size > best[0]:
+            chosen[path] = (size, launch)
+    return [launch for _, launch in chosen.values()]
+
+
 def compile_launches(launches: List[Dict[str, Any]], capability: int = 90) -> List[str]:
-    """Compile every recorded launch to a cubin for ``sm_<capability>``, in bf16 and as recorded; the compiled
-    ``module.kernel`` names (raises on the first kernel the compiler refuses)."""
+    """Compile each launch to a cubin for ``sm_<capability>`` in bf16 (the recipe's dtype), and each kernel's
+    first launch also in its recorded dtype; the compiled ``module.kernel`` names (raises on the first kernel the
+    compiler refuses)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,8 +122,9 @@ def compile_launches(launches: List[Dict[str, Any]], capability: int = 90) -> Li
     done = set()
     for launch in launches:
         kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        name = f"{launch['module']}.{launch['kernel']}"
         recorded = {k["pointer"] for k in launch["args"].values() if k.get("pointer") in _FLOATS}
-        for float_type in sorted({"bf16", *recorded}):
+        for float_type in sorted({"bf16"} if name in done else {"bf16", *recorded}):
             types, constants = signature(launch, float_type)
             try:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constants), target=target)
@@ -114,16 +133,17 @@ def compile_launches(launches: List[Dict[str, Any]], capability: int = 90) -> Li
                                    f"({float_type}, {constants}): {error}") from error
             if not compiled.asm.get("cubin"):
                 raise RuntimeError(f"{launch['kernel']}: no cubin for sm_{capability}")
-        done.add(f"{launch['module']}.{launch['kernel']}")
+        done.add(name)
     return sorted(done)
 
 
 if __name__ == "__main__":
     with open(sys.argv[1], encoding="utf-8") as handle:
         recorded = json.load(handle)
-    compiled = compile_launches(recorded)
+    compiled = compile_launches(code_paths(recorded))
     expected = launched_kernels()
     missing = sorted(set(expected) - set(compiled))
     if missing:
         raise SystemExit(f"kernels never launched by the checks, so never compiled: {missing}")
-    print(f"compiled for sm_90: {len(recorded)} launch signatures of {', '.join(compiled)}")
+    print(f"compiled for sm_90: {len(code_paths(recorded))} code paths of {len(recorded)} recorded launches of "
+          f"{', '.join(compiled)}")
