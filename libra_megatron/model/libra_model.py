@@ -138,8 +138,8 @@ class LibraModel(LanguageModule):
             )
             planes = [plan.unsort(torch.cat([t, v])) for t, v in zip(text_rows, vision_rows)]
             return torch.stack(planes).view(len(planes), s, b, -1).transpose(1, 2)
-        label_rows = labels.to(hidden.device).permute(2, 1, 0).reshape(s * b, -1)
-        labels_text, labels_vision = plan.split_constant(label_rows)
+        # [s, b, C]: the plan flattens the sequence layout itself (a pre-flattened [s*b, C] is ambiguous at b = C = 1)
+        labels_text, labels_vision = plan.split_constant(labels.to(hidden.device).permute(2, 1, 0))
         loss_t, loss_v = position_losses(
             hidden_text, hidden_vision, labels_text[:, 0], labels_vision, self.output_layer.weight,
             self.vision_output_layer.weight, vocab_start, self.vocab,
