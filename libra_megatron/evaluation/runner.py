@@ -33,13 +33,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from libra_megatron.data.sidecar import atomic_write_json
 from libra_megatron.evaluation.predictions import PredictionWriter, read_finished, write_merged
 from libra_megatron.evaluation.report import build_summary, markdown_table, write_summary
 from libra_megatron.evaluation.tasks import EvalItem, load_items
+from libra_megatron.training.checkpointing import TRACKER_FILENAME as TRACKER
+from libra_megatron.training.checkpointing import checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPTION_CHAT_PROMPT = "Provide a one-sentence caption for the provided image."
-TRACKER = "latest_checkpointed_iteration.txt"
 EXPORT_SOURCE = "source.json"
 RUN_FILE = "run.json"
 
@@ -108,15 +110,6 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _abs(path: Optional[str]) -> Optional[str]:
     return os.path.realpath(path) if path else None
 
@@ -129,9 +122,10 @@ def export_source(options: EvalOptions, dtype_name: str) -> Dict[str, Any]:
         with open(os.path.join(folder, TRACKER), encoding="utf-8") as handle:
             tracker = handle.read().strip()
         if tracker.isdigit():
-            folder = os.path.join(folder, f"iter_{int(tracker):07d}")
+            folder = checkpoint_dir(folder, int(tracker))
     metadata = os.path.join(folder, "metadata.json")
-    stamp = [os.stat(metadata).st_size, os.stat(metadata).st_mtime_ns] if os.path.isfile(metadata) else None
+    info = os.stat(metadata) if os.path.isfile(metadata) else None
+    stamp = [info.st_size, info.st_mtime_ns] if info is not None else None
     return {"checkpoint": folder, "tracker": tracker, "metadata_json": stamp, "dtype": dtype_name,
             "tokenizer": _abs(options.tokenizer), "vision_tokenizer": _abs(options.vision_tokenizer)}
 
@@ -156,7 +150,7 @@ def _convert(options: EvalOptions, dtype_name: str, target: str, source: Dict[st
     if done.returncode != 0 or not os.path.isfile(os.path.join(tmp, "config.json")):
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"engine -> HF conversion failed ({done.returncode}):\n{done.stdout[-3000:]}")
-    _write_json(os.path.join(tmp, EXPORT_SOURCE), source)
+    atomic_write_json(os.path.join(tmp, EXPORT_SOURCE), source)
     if os.path.exists(target):
         os.rename(target, old)
     os.rename(tmp, target)
@@ -223,7 +217,7 @@ def check_run_settings(output: str, settings: Dict[str, Any], rank: int) -> None
                          "resuming would mix them: use a fresh --output (or the original arguments)")
     _barrier()  # every rank has compared before rank 0 writes
     if rank == 0 and recorded is None:
-        _write_json(path, settings)
+        atomic_write_json(path, settings)
 
 
 class Generator:

@@ -150,7 +150,7 @@ class LibraBridgeAttention(MegatronModule):
         q_t, q_v, k_text, v_text, k_vision, v_vision = self._inputs(routing, qkv_t, qkv_v, bridge_t, bridge_v,
                                                                     needed[False], needed[True])
         if routing.kv_cache is not None:
-            routing.kv_cache.append(self.layer_number, k_text.view(-1, b, heads, d), v_text.view(-1, b, heads, d))
+            routing.kv_cache.extend(self.layer_number, k_text.view(-1, b, heads, d), v_text.view(-1, b, heads, d))
         sets = {False: (k_text, v_text), True: (k_vision, v_vision)}
         # each modality's query rows, one view per run (a split: its backward is one cat, not a zero-fill per run)
         queries = {}
@@ -199,7 +199,7 @@ class LibraBridgeAttention(MegatronModule):
                                                                 rows, queries_in_sequence_order=True)
         q = q.view(s, b, heads, d)
         if routing.kv_cache is not None:  # prefill: the text key set goes to the cache
-            routing.kv_cache.append(self.layer_number, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d))
+            routing.kv_cache.extend(self.layer_number, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d))
         mask: Optional[Tensor] = routing.attention_mask
         o_text = self.core_attention(q, k_text.view(s, b, heads, d), v_text.view(s, b, heads, d), mask)
         o_vision = self.core_attention(q, k_vision.view(s, b, heads, d), v_vision.view(s, b, heads, d), mask)

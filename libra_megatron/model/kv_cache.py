@@ -70,7 +70,3 @@ class LibraKVCache:
         buffers[1][start:end].copy_(values.detach())
         self._lengths[layer_number] = start + min(self.keep, keys.shape[0])
         return buffers[0][:end], buffers[1][:end]
-
-    def append(self, layer_number: int, keys: Tensor, values: Tensor) -> None:
-        """Store the first ``keep`` positions of ``keys``/``values`` ``[s, b, heads, d]`` after the cached ones."""
-        self.extend(layer_number, keys, values)
