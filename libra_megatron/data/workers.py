@@ -135,6 +135,17 @@ class WorkerPool:
         self._wake_reader.close()
         self._wake_writer.close()
 
+    def busy(self) -> bool:
+        """Whether any worker has a record in flight."""
+        return any(w.task is not None for w in self.workers)
+
+    def abandon_in_flight(self) -> None:
+        """Replace every worker that still has a record: its late result must not reach the next caller, whose
+        sequence numbers start again at 0."""
+        for worker in list(self.workers):
+            if worker.task is not None:
+                self._replace(worker)
+
     def interrupt(self) -> None:
         """Make a :meth:`run` that is waiting on the workers (in another thread) return now."""
         self._wake_writer.send_bytes(b"")
@@ -260,16 +271,13 @@ class _Dispatcher:
                 self.lock.wait(timeout=1.0)
 
     def stop(self) -> None:
-        """End the thread (the consumer is done or gone); in-flight records are abandoned with the pool's workers
-        intact for the next chunk."""
+        """End the thread (the consumer is done or gone); records still in flight are abandoned with their workers."""
         with self.lock:
             self.stopping = True
             self.lock.notify_all()
         self.pool.interrupt()  # a wait on the workers returns at once
         self.thread.join()
-        for worker in self.pool.workers:  # a consumer that stopped early leaves tasks in flight: start clean
-            if worker.task is not None:
-                self.pool._replace(worker)
+        self.pool.abandon_in_flight()
 
     def _loop(self) -> None:
         tasks: Deque[_Task] = collections.deque()
@@ -277,8 +285,7 @@ class _Dispatcher:
         try:
             while True:
                 with self.lock:
-                    while not self.stopping and len(self.order) >= self.window and not tasks and not any(
-                            w.task is not None for w in self.pool.workers):
+                    while not self.stopping and len(self.order) >= self.window and not tasks and not self.pool.busy():
                         self.lock.wait(timeout=1.0)  # the consumer has the whole window: wait for room
                     if self.stopping:
                         return
@@ -300,7 +307,7 @@ class _Dispatcher:
                         else:
                             tasks.append(_Task(seq, item))
                         seq += 1
-                if not tasks and not any(w.task is not None for w in self.pool.workers):
+                if not tasks and not self.pool.busy():
                     with self.lock:
                         self.results.update(arrived)
                         self.lock.notify_all()
